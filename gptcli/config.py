@@ -1,0 +1,161 @@
+"""The architecture of one model, read from a Hugging Face `config.json`.
+
+No torch here: the CLI reads configs before it imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import GptcliError
+
+#: HF `architectures` entry -> our family name.
+ARCHITECTURES = {
+    "GPT2LMHeadModel": "gpt2",
+    "LlamaForCausalLM": "llama",
+}
+
+
+class ConfigError(GptcliError):
+    """A config file that is missing, unreadable, or describes a model we cannot build."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str  # "gpt2" or "llama"
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_kv_head: int  # < n_head means grouped-query attention
+    d_model: int
+    d_ff: int
+    max_positions: int
+    norm_eps: float
+    rope_theta: float = 10000.0  # llama only
+    tie_embeddings: bool = True
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def __post_init__(self) -> None:
+        if self.family not in ("gpt2", "llama"):
+            raise ConfigError(f"unknown model family {self.family!r}")
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.d_model % self.n_head:
+            raise ConfigError(f"hidden size {self.d_model} is not divisible by {self.n_head} heads")
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(
+                f"{self.n_head} attention heads are not divisible by {self.n_kv_head} key/value heads"
+            )
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        """Build from the dict of an HF `config.json`; `source` names the file in errors."""
+        family = _family(hf, source)
+        try:
+            if family == "gpt2":
+                d_model = int(hf["n_embd"])
+                return cls(
+                    family="gpt2",
+                    vocab_size=int(hf["vocab_size"]),
+                    n_layer=int(hf["n_layer"]),
+                    n_head=int(hf["n_head"]),
+                    n_kv_head=int(hf["n_head"]),
+                    d_model=d_model,
+                    d_ff=int(hf.get("n_inner") or 4 * d_model),
+                    max_positions=int(hf["n_positions"]),
+                    norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+                    tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+                    bos_token_id=_optional_int(hf.get("bos_token_id")),
+                    eos_token_ids=_id_tuple(hf.get("eos_token_id")),
+                )
+            n_head = int(hf["num_attention_heads"])
+            rope_scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+            rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+            if rope_type not in ("default", None):
+                raise ConfigError(f"{source}: RoPE scaling {rope_type!r} is not supported")
+            if hf.get("head_dim") not in (None, int(hf["hidden_size"]) // n_head):
+                raise ConfigError(
+                    f"{source}: a head_dim other than hidden_size/heads is not supported"
+                )
+            theta = hf.get("rope_theta", rope_scaling.get("rope_theta", 10000.0))
+            return cls(
+                family="llama",
+                vocab_size=int(hf["vocab_size"]),
+                n_layer=int(hf["num_hidden_layers"]),
+                n_head=n_head,
+                n_kv_head=int(hf.get("num_key_value_heads") or n_head),
+                d_model=int(hf["hidden_size"]),
+                d_ff=int(hf["intermediate_size"]),
+                max_positions=int(hf["max_position_embeddings"]),
+                norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(theta),
+                tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                bos_token_id=_optional_int(hf.get("bos_token_id")),
+                eos_token_ids=_id_tuple(hf.get("eos_token_id")),
+            )
+        except KeyError as e:
+            raise ConfigError(f"{source}: required field {e.args[0]!r} is missing") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{source}: a field has a value of the wrong type ({e})") from None
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> ModelConfig:
+        """Read `config.json` in a checkpoint folder, adding EOS ids from `generation_config.json`."""
+        path = Path(model_dir) / "config.json"
+        hf = read_json(path)
+        config = cls.from_hf(hf, str(path))
+        gen_path = Path(model_dir) / "generation_config.json"
+        if gen_path.is_file():
+            extra = _id_tuple(read_json(gen_path).get("eos_token_id"))
+            merged = config.eos_token_ids + tuple(i for i in extra if i not in config.eos_token_ids)
+            config = replace(config, eos_token_ids=merged)
+        return config
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Read a JSON object, turning every failure into a ConfigError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
+
+
+def _family(hf: dict[str, Any], source: str) -> str:
+    names = hf.get("architectures") or []
+    for name in names:
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
+    model_type = hf.get("model_type")
+    if model_type in ("gpt2", "llama") and not names:
+        return model_type
+    shown = ", ".join(names) if names else f"model_type {model_type!r}"
+    supported = ", ".join(ARCHITECTURES)
+    raise ConfigError(f"{source}: unsupported architecture {shown} (supported: {supported})")
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _id_tuple(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value)
+    return (int(value),)
