@@ -1,0 +1,367 @@
+"""The `gptcli` command: Typer commands, prompt resolution, and errors -> exit codes.
+
+No tensor code lives here, and torch is imported only inside commands that need it, so
+`gptcli --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import render
+from .errors import GptcliError, UsageError
+
+app = typer.Typer(
+    help="Generate text with a from-scratch GPT, streaming to the terminal.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+EXIT_INTERRUPTED = 130
+MAX_SEED = 2**63 - 1
+
+
+def default_model_dir() -> Path:
+    """The built-in default model, made by `make weights` in the repository's weights/."""
+    return Path(__file__).resolve().parent.parent / "weights" / DEFAULT_MODEL_NAME
+
+
+@contextlib.contextmanager
+def handled_errors(debug: bool = False) -> Iterator[None]:
+    """Turn our errors into one line on stderr and the documented exit code."""
+    try:
+        yield
+    except GptcliError as e:
+        if debug:
+            raise
+        render.error(str(e))
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        render.newline_if_terminal()
+        render.info("interrupted")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except MemoryError:
+        render.error("out of memory; try a smaller model, a lower -n, or --dtype bfloat16")
+        raise typer.Exit(1) from None
+
+
+def read_text_input(source: str) -> str:
+    """Read a prompt from a file path or '-' (stdin) as UTF-8, naming the byte of any fault."""
+    name = "stdin" if source == "-" else source
+    try:
+        if source == "-":
+            data = sys.stdin.buffer.read() if sys.stdin is not None else b""
+        else:
+            data = Path(source).read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"-f {source}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"-f {source}: is a folder, not a prompt file") from None
+    except OSError as e:
+        raise UsageError(f"-f {source}: cannot read ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(
+            f"{name}: invalid UTF-8 at byte {e.start}; save the prompt as UTF-8 and retry"
+        ) from None
+    if "\x00" in text:
+        raise UsageError(f"{name}: contains NUL bytes; is it a binary file?")
+    # Drop the one final newline that echo and editors add: it is not part of the prompt.
+    return text[:-1] if text.endswith("\n") else text
+
+
+def stdin_is_piped() -> bool:
+    return sys.stdin is not None and not sys.stdin.closed and not sys.stdin.isatty()
+
+
+def resolve_prompt(prompt: str | None, file: str | None) -> str:
+    """The prompt text: piped stdin or -f first, then the argument, joined by a newline."""
+    parts = []
+    if file is not None:
+        parts.append(read_text_input(file))
+    elif stdin_is_piped():
+        piped = read_text_input("-")
+        if piped:
+            parts.append(piped)
+    if prompt is not None:
+        parts.append(prompt)
+    if not parts:
+        raise UsageError("no prompt: give one as an argument, with -f FILE, or on stdin")
+    return "\n".join(parts)
+
+
+def resolve_model_dir(model: Path | None) -> Path:
+    if model is not None:
+        return model
+    path = default_model_dir()
+    if not (path / "config.json").is_file():
+        raise GptcliError(
+            f"the default model is not at {path}; run `make weights` in the gptcli "
+            "repository, or pass -m DIR (or set GPTCLI_MODEL)"
+        )
+    return path
+
+
+def check_max_new_tokens(max_new_tokens: int) -> None:
+    if max_new_tokens < 1:
+        raise UsageError(f"-n/--max-new-tokens must be at least 1, got {max_new_tokens}")
+
+
+def choose_seed(seed: int) -> int:
+    if seed == -1:
+        return secrets.randbelow(2**31)
+    if not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"-s/--seed must be -1 (random) or between 0 and {MAX_SEED}, got {seed}")
+    return seed
+
+
+def fit_context(ids: list[int], max_new: int, context: int, truncate: bool) -> list[int]:
+    """Apply the context policy: refuse, or with --truncate drop the oldest prompt tokens."""
+    if len(ids) + max_new <= context:
+        return ids
+    if not truncate:
+        raise UsageError(
+            f"the prompt has {len(ids)} tokens and -n is {max_new}, more than the model's "
+            f"context of {context}; lower -n, shorten the prompt, or pass --truncate to "
+            "drop the oldest prompt tokens"
+        )
+    keep = context - max_new
+    if keep < 1:
+        raise UsageError(f"-n {max_new} leaves no room for the prompt in a context of {context}")
+    render.warning(f"prompt truncated to its last {keep} of {len(ids)} tokens to fit the context")
+    return ids[-keep:]
+
+
+Model = Annotated[
+    Path | None,
+    typer.Option(
+        "-m",
+        "--model",
+        envvar="GPTCLI_MODEL",
+        show_envvar=True,
+        help="Checkpoint folder (config.json, *.safetensors, tokenizer.json). "
+        "Default: the built-in SmolLM2-135M-Instruct.",
+    ),
+]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
+Dtype = Annotated[
+    str, typer.Option(help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16.")
+]
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+
+
+@app.command()
+def generate(
+    prompt: Annotated[
+        str | None, typer.Argument(help="Prompt text. Piped stdin is read too, and comes first.")
+    ] = None,
+    model: Model = None,
+    file: Annotated[
+        str | None, typer.Option("-f", "--file", help="Read the prompt from a file ('-' = stdin).")
+    ] = None,
+    max_new_tokens: Annotated[
+        int, typer.Option("-n", "--max-new-tokens", help="Most tokens to generate.")
+    ] = 256,
+    temp: Annotated[float, typer.Option("--temp", help="Temperature; 0 = greedy.")] = 0.8,
+    top_k: Annotated[int, typer.Option("--top-k", help="Keep the k most likely; 0 = off.")] = 40,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling; 1 = off.")] = 0.95,
+    min_p: Annotated[
+        float, typer.Option("--min-p", help="Drop tokens below min-p x the best; 0 = off.")
+    ] = 0.05,
+    repeat_penalty: Annotated[
+        float, typer.Option("--repeat-penalty", help="Penalise the last 64 tokens; 1 = off.")
+    ] = 1.0,
+    seed: Annotated[int, typer.Option("-s", "--seed", help="Random seed; -1 = random.")] = -1,
+    stop: Annotated[
+        list[str] | None, typer.Option("--stop", help="Stop before this text (repeatable).")
+    ] = None,
+    truncate: Annotated[
+        bool,
+        typer.Option(
+            "--truncate", help="Drop the oldest prompt tokens when prompt + -n exceed the context."
+        ),
+    ] = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object with text and stats.")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Timings on stderr.")] = False,
+    no_stream: Annotated[
+        bool, typer.Option("--no-stream", help="Print the text once, at the end.")
+    ] = False,
+    debug: Debug = False,
+) -> None:
+    """Continue a prompt, streaming the new text to stdout."""
+    with handled_errors(debug):
+        _generate(**locals())
+
+
+def _generate(
+    prompt: str | None,
+    model: Path | None,
+    file: str | None,
+    max_new_tokens: int,
+    temp: float,
+    top_k: int,
+    top_p: float,
+    min_p: float,
+    repeat_penalty: float,
+    seed: int,
+    stop: list[str] | None,
+    truncate: bool,
+    device: str,
+    dtype: str,
+    json_out: bool,
+    verbose: bool,
+    no_stream: bool,
+    debug: bool,
+) -> None:
+    # Everything the user typed is checked before the slow imports and the model load.
+    check_max_new_tokens(max_new_tokens)
+    seed = choose_seed(seed)
+    text_in = resolve_prompt(prompt, file)
+    model_dir = resolve_model_dir(model)
+
+    from .generate import Generation
+    from .loader import load_model, pick_device, pick_dtype
+    from .sampling import SamplingParams, make_generator
+    from .tokenizer import StopFilter, StreamDecoder, Tokenizer
+
+    params = SamplingParams(
+        temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty
+    )
+    stop_filter = StopFilter(stop or [])
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+
+    load_started = time.perf_counter()
+    with render.status(f"Loading {model_dir}"):
+        tokenizer = Tokenizer.from_dir(model_dir)
+        gpt = load_model(model_dir, torch_dtype, torch_device)
+    load_seconds = time.perf_counter() - load_started
+    config = gpt.config
+    if tokenizer.vocab_size > config.vocab_size:
+        raise GptcliError(
+            f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+            f"embedding only {config.vocab_size}; the tokenizer does not belong to this model"
+        )
+
+    ids = tokenizer.encode(text_in)
+    if not ids:
+        bos = config.bos_token_id if config.bos_token_id is not None else tokenizer.bos_id
+        if bos is None:
+            raise UsageError("the prompt is empty and this model has no start token to begin from")
+        ids = [bos]
+    ids = fit_context(ids, max_new_tokens, config.max_positions, truncate)
+
+    eos_ids = set(config.eos_token_ids) | set(tokenizer.eos_ids)
+    generation = Generation(
+        gpt, ids, max_new_tokens, params, make_generator(seed, str(torch_device)), eos_ids
+    )
+    decoder = StreamDecoder(tokenizer)
+    out = render.TextOut()
+    stream = not (json_out or no_stream)
+    pieces: list[str] = []
+
+    def emit(text: str) -> None:
+        pieces.append(text)
+        if stream:
+            out.write(text)
+
+    finish_reason = None
+    for token in generation:
+        emit(stop_filter.push(decoder.push(token)))
+        if stop_filter.stopped:
+            finish_reason = "stop"
+            break
+        if out.closed:
+            finish_reason = "closed"
+            break
+    else:
+        emit(stop_filter.push(decoder.flush()))
+        if stop_filter.stopped:
+            finish_reason = "stop"
+        else:
+            emit(stop_filter.flush())
+    finish_reason = finish_reason or generation.finish_reason
+    text = "".join(pieces)
+
+    n_new = len(generation.new_ids)
+    timings = {
+        "load_s": round(load_seconds, 4),
+        "prefill_s": round(generation.prefill_seconds, 4),
+        "decode_s": round(generation.decode_seconds, 4),
+        "prompt_tokens_per_s": _rate(len(ids), generation.prefill_seconds),
+        # The first new token comes out of prefill; decode produced the rest.
+        "tokens_per_s": _rate(n_new - 1, generation.decode_seconds),
+    }
+    if json_out:
+        record = {
+            "prompt": text_in,
+            "text": text,
+            "prompt_tokens": len(ids),
+            "new_tokens": n_new,
+            "finish_reason": finish_reason,
+            "seed": seed,
+            "model": str(model_dir),
+            "timings": timings,
+        }
+        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        return
+    if no_stream:
+        out.write(text)
+    render.newline_if_terminal()
+    if verbose:
+        render.stats(
+            {
+                "load s": timings["load_s"],
+                "first token s": timings["prefill_s"],
+                "prompt tokens": len(ids),
+                "prompt tok/s": timings["prompt_tokens_per_s"],
+                "new tokens": n_new,
+                "tok/s": timings["tokens_per_s"],
+                "seed": seed,
+                "finish": str(finish_reason),
+            }
+        )
+
+
+def _rate(count: int, seconds: float) -> float:
+    return round(count / seconds, 2) if seconds > 0 and count > 0 else 0.0
+
+
+@app.command()
+def convert(
+    gguf_file: Annotated[Path, typer.Argument(help="A GGUF model file (llama.cpp format).")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder to create with the HF checkpoint.")],
+    dtype: Annotated[
+        str, typer.Option(help="Weights dtype to write: float32 (lossless), bfloat16, float16.")
+    ] = "float32",
+    debug: Debug = False,
+) -> None:
+    """Convert a GGUF file into a Hugging Face checkpoint folder (safetensors)."""
+    with handled_errors(debug):
+        from .convert import convert_gguf
+
+        with render.status(f"Converting {gguf_file}"):
+            convert_gguf(gguf_file, out_dir, dtype=dtype)
+        render.info(f"wrote {out_dir}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,89 @@
+"""Prefill the prompt, then decode one token at a time over the KV cache.
+
+`Generation` is an iterator of token ids; it never prints. It stops at an end-of-sequence
+id, after `max_new_tokens`, or at the end of the model's context; `finish_reason` says
+which. Stop strings are text and are handled by the caller, which simply stops iterating
+(and may set `finish_reason = "stop"`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .model import GPT
+from .sampling import SamplingParams, sample
+
+#: How many recent tokens the repetition penalty looks at (llama.cpp's default).
+REPEAT_WINDOW = 64
+
+
+class Generation:
+    """One request: iterate to get new token ids; timings and the finish reason are kept."""
+
+    def __init__(
+        self,
+        model: GPT,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        params: SamplingParams,
+        generator: torch.Generator | None = None,
+        eos_ids: Sequence[int] = (),
+    ) -> None:
+        if not prompt_ids:
+            raise ValueError("the prompt must have at least one token")
+        self.model = model
+        self.prompt_ids = list(prompt_ids)
+        self.max_new_tokens = max_new_tokens
+        self.params = params
+        self.generator = generator
+        self.eos_ids = frozenset(eos_ids)
+        self.new_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.prefill_seconds = 0.0
+        self.decode_seconds = 0.0
+
+    def __iter__(self) -> Iterator[int]:
+        model = self.model
+        context = model.config.max_positions
+        n_prompt = len(self.prompt_ids)
+        if n_prompt >= context:
+            raise ValueError(f"a prompt of {n_prompt} tokens leaves no room in {context}")
+        # One cache for the whole request: prompt plus every token we may generate.
+        total = min(n_prompt + self.max_new_tokens, context)
+        cache = model.new_cache(batch=1, max_len=total)
+        history = torch.tensor(self.prompt_ids, device=model.device)  # for the repeat penalty
+
+        started = time.perf_counter()
+        prompt = history[None, :]  # [1, n_prompt]
+        logits = model(prompt, start=0, cache=cache, last_only=True)[:, -1]  # [1, vocab]
+        position = n_prompt
+        while True:
+            if len(self.new_ids) >= self.max_new_tokens:
+                self.finish_reason = "length"
+                return
+            recent = history[-REPEAT_WINDOW:][None, :] if self.params.repeat_penalty != 1 else None
+            next_id = sample(logits, self.params, self.generator, recent)  # [1]
+            token = int(next_id.item())  # waits for the device: the token is needed now
+            now = time.perf_counter()
+            if not self.new_ids:
+                self.prefill_seconds = now - started
+            else:
+                self.decode_seconds = now - started - self.prefill_seconds
+            if token in self.eos_ids:
+                self.finish_reason = "eos"
+                return
+            self.new_ids.append(token)
+            yield token
+            if position >= context:
+                self.finish_reason = "context"
+                return
+            if len(self.new_ids) >= self.max_new_tokens:
+                self.finish_reason = "length"
+                return
+            if recent is not None:
+                history = torch.cat([history[-REPEAT_WINDOW:], next_id])
+            logits = model(next_id[None, :], start=position, cache=cache)[:, -1]
+            position += 1

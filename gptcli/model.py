@@ -1,0 +1,323 @@
+"""The GPT itself: token ids and positions in, logits out, with a key/value cache.
+
+One decoder-only transformer covers both checkpoint families; `ModelConfig.family` picks
+the parts that differ:
+
+| part           | gpt2                      | llama                          |
+|----------------|---------------------------|--------------------------------|
+| positions      | learned table added to x  | RoPE applied to q and k        |
+| norm           | LayerNorm (weight + bias) | RMSNorm (weight)               |
+| MLP            | GELU(tanh), with biases   | SwiGLU, no biases              |
+| key/value heads| = query heads             | may be fewer (grouped-query)   |
+
+Every matrix is stored `[in, out]`, so a layer is `x @ weight (+ bias)`. On CPUs this layout
+makes the batch-1 matrix-vector products of decoding faster than `F.linear`'s `[out, in]`
+(measured in DESIGN.md), and GPT-2 checkpoints already store it. The module knows nothing of
+files, tokenizers or terminals.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class Linear(nn.Module):
+    """y = x @ weight + bias, with weight stored [in, out]."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_in, d_out), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(d_out), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return x @ self.weight
+        return torch.addmm(self.bias, x.flatten(0, -2), self.weight).view(*x.shape[:-1], -1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the weights' dtype, as the reference does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.family == "gpt2":
+        norm = nn.LayerNorm(config.d_model, eps=config.norm_eps)
+        norm.requires_grad_(False)
+        return norm
+    return RMSNorm(config.d_model, config.norm_eps)
+
+
+class KVCache:
+    """Keys and values of every layer, allocated once for the whole request.
+
+    Shapes: `k[layer]`, `v[layer]` are `[batch, n_kv_head, max_len, head_dim]`; a forward
+    pass writes its new keys and values at their absolute positions.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (config.n_layer, batch, config.n_kv_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+
+class Rotary:
+    """RoPE tables, in the half-split layout HF Llama checkpoints expect."""
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int) -> None:
+        # Built on the CPU explicitly: models are constructed under torch.device("meta").
+        cpu = torch.device("cpu")
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=cpu) / head_dim
+        inv_freq = 1.0 / (theta**exponents)
+        positions = torch.arange(max_positions, dtype=torch.float32, device=cpu)
+        angles = torch.outer(positions, inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)  # [max_positions, head_dim]
+        self.cos = angles.cos()
+        self.sin = angles.sin()
+
+    def to(self, device: torch.device) -> Rotary:
+        self.cos, self.sin = self.cos.to(device), self.sin.to(device)
+        return self
+
+    def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Rotate `x` [batch, heads, T, head_dim] for positions start..start+T-1."""
+        T = x.shape[2]
+        cos = self.cos[start : start + T].to(x.dtype)  # [T, head_dim], broadcast over batch, heads
+        sin = self.sin[start : start + T].to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+
+def causal_mask(start: int, n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor:
+    """[n_queries, n_keys] booleans: query at position start+i may see keys at positions <= it."""
+    query_pos = torch.arange(start, start + n_queries, device=device)[:, None]
+    key_pos = torch.arange(n_keys, device=device)[None, :]
+    return key_pos <= query_pos
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The textbook scaled dot product, returning the output and the attention weights.
+
+    q [B, H, T, D], k and v [B, H, S, D], mask [T, S] (True = may attend) or None.
+    """
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # [B, H, T, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # each row sums to 1
+    return weights @ v, weights  # [B, H, T, D], [B, H, T, S]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = (
+            config.n_head,
+            config.n_kv_head,
+            config.head_dim,
+        )
+        self.layer = layer
+        bias = config.family == "gpt2"
+        # Q, K and V projections fused into one matrix: one matmul per step instead of three.
+        qkv_out = (self.n_head + 2 * self.n_kv_head) * self.head_dim
+        self.qkv = Linear(config.d_model, qkv_out, bias)
+        self.out = Linear(config.d_model, config.d_model, bias)
+        self.weights: torch.Tensor | None = None  # filled when recording attention
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        start: int,
+        cache: KVCache | None,
+        rotary: Rotary | None,
+        record: bool = False,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
+
+        # 1. Project to queries, keys and values.
+        q, k, v = self.qkv(x).split([H * D, H_kv * D, H_kv * D], dim=-1)
+        # 2. Split into heads: [B, T, heads*D] -> [B, heads, T, D].
+        q = q.view(B, T, H, D).transpose(1, 2)
+        k = k.view(B, T, H_kv, D).transpose(1, 2)
+        v = v.view(B, T, H_kv, D).transpose(1, 2)
+        if rotary is not None:
+            q, k = rotary.apply(q, start), rotary.apply(k, start)
+
+        # Keys and values of earlier positions come from the cache; ours are written into it.
+        if cache is not None:
+            cache.k[self.layer, :B, :, start : start + T] = k
+            cache.v[self.layer, :B, :, start : start + T] = v
+            k = cache.k[self.layer, :B, :, : start + T]  # [B, H_kv, S, D]
+            v = cache.v[self.layer, :B, :, : start + T]
+        S = k.shape[2]
+
+        # Grouped-query attention: each key/value head serves H / H_kv query heads.
+        if H_kv != H:
+            k = k.repeat_interleave(H // H_kv, dim=1)  # [B, H, S, D]
+            v = v.repeat_interleave(H // H_kv, dim=1)
+
+        # 3. softmax(Q Kᵀ / √D + causal mask) V, per head.
+        if record:
+            mask = causal_mask(start, T, S, x.device)
+            y, self.weights = attend(q, k, v, mask)
+        elif T == S:
+            # Fast path; is_causal is right only because queries and keys line up.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif T == 1:
+            # One new token sees every cached position: no mask at all.
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            mask = causal_mask(start, T, S, x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+        # 4. Concatenate heads: [B, H, T, D] -> [B, T, H*D]; 5. output projection.
+        y = y.transpose(1, 2).reshape(B, T, H * D)
+        return self.out(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gated = config.family == "llama"
+        if self.gated:
+            # SwiGLU: gate and up projections fused, [d_model, 2*d_ff].
+            self.up = Linear(config.d_model, 2 * config.d_ff, bias=False)
+            self.down = Linear(config.d_ff, config.d_model, bias=False)
+        else:
+            self.up = Linear(config.d_model, config.d_ff, bias=True)
+            self.down = Linear(config.d_ff, config.d_model, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return self.down(F.silu(gate) * up)
+        return self.down(F.gelu(h, approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        start: int,
+        cache: KVCache | None,
+        rotary: Rotary | None,
+        record: bool,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), start, cache, rotary, record)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    """Parameters (all frozen; this is inference only):
+
+    - `tok_emb` [vocab, d_model] token embedding, absent when the head is tied;
+    - `pos_emb` [max_positions, d_model] (gpt2 only);
+    - `head` [d_model, vocab] output projection; when tied it also serves as the embedding,
+      looked up by column, so the shared matrix is held once in the fast layout.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        d, vocab = config.d_model, config.vocab_size
+        self.tok_emb = None if config.tie_embeddings else nn.Parameter(torch.empty(vocab, d), False)
+        self.pos_emb = (
+            nn.Parameter(torch.empty(config.max_positions, d), False)
+            if config.family == "gpt2"
+            else None
+        )
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.final_norm = make_norm(config)
+        self.head = nn.Parameter(torch.empty(d, vocab), requires_grad=False)
+        self.rotary = (
+            Rotary(config.head_dim, config.rope_theta, config.max_positions)
+            if config.family == "llama"
+            else None
+        )
+
+    def to_device(self, device: torch.device | str) -> GPT:
+        self.to(device)
+        if self.rotary is not None:
+            self.rotary.to(torch.device(device))
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.device
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache(self.config, batch, max_len, self.dtype, self.device)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, T] -> [B, T, d_model]."""
+        if self.tok_emb is not None:
+            return self.tok_emb[ids]
+        return self.head.t()[ids]  # rows of the transposed view = columns of the head
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        ids: torch.Tensor,
+        start: int = 0,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        record_attention: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] for token ids [B, T] at positions start..start+T-1.
+
+        With a cache, keys and values of positions < start are read from it and the new ones
+        written; without one, `start` must be 0. `last_only` computes logits for the last
+        position alone (all that generation needs), saving a [T, vocab] product in prefill.
+        """
+        T = ids.shape[1]
+        if start + T > self.config.max_positions:
+            raise ValueError(
+                f"positions up to {start + T} exceed the model's {self.config.max_positions}"
+            )
+        x = self.embed(ids)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb[start : start + T]
+        for block in self.blocks:
+            x = block(x, start, cache, self.rotary, record_attention)
+        if last_only:
+            x = x[:, -1:]
+        return self.final_norm(x) @ self.head
