@@ -127,10 +127,7 @@ def load_model(
     state = _read_state(model_dir, config, torch.device(device), dtype)
     with torch.device("meta"):
         model = GPT(config)
-    expected = {name for name, _ in model.named_parameters()}
-    missing = sorted(expected - state.keys())
-    if missing:
-        raise LoadError(f"{model_dir}: checkpoint lacks tensor(s) for {', '.join(missing[:5])}")
+    # _read_state checked every tensor the table expects; this guards the table itself.
     model.load_state_dict(state, strict=True, assign=True)
     return model.to_device(device).eval()
 
@@ -215,10 +212,12 @@ def _read_state(
     rules = _compile(RULES[config.family])
     state: dict[str, torch.Tensor] = {}
     fused: dict[str, list[torch.Tensor | None]] = {}
+    seen: set[str] = set()
     for name, path, tensor in _tensors(model_dir):
         plain = name.removeprefix("transformer.") if config.family == "gpt2" else name
         if IGNORED.search(plain):
             continue
+        seen.add(plain)
         rule, ours = _match(rules, plain, config, path, name)
         want = rule.shape(config)
         if tuple(tensor.shape) != want:
@@ -235,12 +234,28 @@ def _read_state(
             state[ours] = tensor
         else:
             fused.setdefault(ours, [None] * rule.parts)[rule.part] = tensor
+    missing = [name for name in _expected_names(config) if name not in seen]
+    if missing:
+        where = model_dir / (
+            INDEX_FILE if (model_dir / INDEX_FILE).is_file() else "model.safetensors"
+        )
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise LoadError(f"{where}: missing tensor {missing[0]}{more}")
     for ours, pieces in fused.items():
-        if any(p is None for p in pieces):
-            raise LoadError(f"{model_dir}: part of {ours} is missing from the checkpoint")
         state[ours] = torch.cat(pieces, dim=1)  # type: ignore[arg-type]  # along [.., out]
-    _place_embeddings(state, config, model_dir)
+    _place_embeddings(state, config)
     return state
+
+
+def _expected_names(config: ModelConfig) -> list[str]:
+    """Every HF tensor name the config calls for; the head only when it is not tied."""
+    names = []
+    for rule in RULES[config.family]:
+        if rule.ours == "lm_head" and config.tie_embeddings:
+            continue
+        layers = range(config.n_layer) if "{i}" in rule.hf else [None]
+        names += [rule.hf.replace("{i}", str(i)) for i in layers]
+    return names
 
 
 def _match(
@@ -264,21 +279,14 @@ def _match(
     raise LoadError(f"{path}: unexpected tensor {name} for a {config.family} model")
 
 
-def _place_embeddings(state: dict[str, torch.Tensor], config: ModelConfig, model_dir: Path) -> None:
+def _place_embeddings(state: dict[str, torch.Tensor], config: ModelConfig) -> None:
     """Put the input embedding and output head where GPT expects them (see GPT's docstring)."""
-    embedding = state.pop("embedding", None)
+    embedding = state.pop("embedding")
     lm_head = state.pop("lm_head", None)
-    if embedding is None:
-        raise LoadError(f"{model_dir}: checkpoint lacks the token embedding tensor")
     if config.tie_embeddings:
         # A tied checkpoint may still store the head; it is the same matrix, so drop it.
         state["head"] = embedding.t().contiguous()  # [vocab, d] -> [d, vocab]
     else:
-        if lm_head is None:
-            raise LoadError(
-                f"{model_dir}: checkpoint lacks lm_head.weight and config.json says the "
-                "head is not tied to the embedding"
-            )
         state["tok_emb"] = embedding
         state["head"] = lm_head.t().contiguous()
 
