@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.exceptions import TyperException
 
 from . import render
 from .errors import GptcliError, UsageError
@@ -363,5 +364,17 @@ def convert(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: usage errors become one line and exit 2."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:  # Ctrl-C while the arguments were being read
+        code = EXIT_INTERRUPTED
+    except TyperException as e:  # Typer's own (vendored click) usage errors
+        ctx = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            print(ctx.get_help())  # `gptcli` alone: show the help, as click would
+        else:
+            render.error(e.format_message() if hasattr(e, "format_message") else str(e))
+            render.info(f"see: {ctx.command_path if ctx else 'gptcli'} --help")
+        code = getattr(e, "exit_code", 2)
+    sys.exit(code if isinstance(code, int) else 0)
