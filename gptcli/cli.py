@@ -262,6 +262,8 @@ def _generate(
         )
 
     ids = tokenizer.encode(text_in)
+    if tokenizer.add_bos_token and tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
+        ids = [tokenizer.bos_id, *ids]  # Llama-2-style tokenizers expect it, as HF adds it
     if not ids:
         bos = config.bos_token_id if config.bos_token_id is not None else tokenizer.bos_id
         if bos is None:

@@ -194,12 +194,14 @@ def test_default_model_from_env_var(tiny):
 
 def test_ctrl_c_keeps_text_and_exits_130(default_model_dir):
     proc = subprocess.Popen(
-        GPTCLI + ["generate", "Write a long story about a dragon.", "-n", "256", "--temp", "0"],
+        GPTCLI
+        + ["generate", "Here is a list of 100 fruits: 1. Apple, 2.", "-n", "256", "--temp", "0"],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
     first = proc.stdout.read(8)  # some text has streamed: we are decoding
+    assert len(first) == 8
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     rest = proc.stdout.read()
