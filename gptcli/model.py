@@ -48,7 +48,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 whatever the weights' dtype, as the reference does.
+        if x.dtype == torch.float32:
+            # One fused kernel instead of six small ops: the same numbers, measurably faster
+            # per decode step.
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # Half precision: normalise in float32, round, then scale, as the reference does.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -84,7 +88,12 @@ class KVCache:
 
 
 class Rotary:
-    """RoPE tables, in the half-split layout HF Llama checkpoints expect."""
+    """RoPE tables, in the half-split layout HF Llama checkpoints expect.
+
+    HF rotates x by `x * cos + rotate_half(x) * sin` with rotate_half(x) = [-x2, x1]. Here
+    the sign lives in the table instead (`sin_signed` = [-sin, sin] by halves), so that
+    rotate_half becomes a plain roll by half a head: the same products, fewer ops per step.
+    """
 
     def __init__(self, head_dim: int, theta: float, max_positions: int) -> None:
         # Built on the CPU explicitly: models are constructed under torch.device("meta").
@@ -92,23 +101,28 @@ class Rotary:
         exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=cpu) / head_dim
         inv_freq = 1.0 / (theta**exponents)
         positions = torch.arange(max_positions, dtype=torch.float32, device=cpu)
-        angles = torch.outer(positions, inv_freq)
-        angles = torch.cat([angles, angles], dim=-1)  # [max_positions, head_dim]
-        self.cos = angles.cos()
-        self.sin = angles.sin()
+        angles = torch.outer(positions, inv_freq)  # [max_positions, head_dim/2]
+        self.cos = torch.cat([angles.cos(), angles.cos()], dim=-1)  # [max_positions, head_dim]
+        self.sin_signed = torch.cat([-angles.sin(), angles.sin()], dim=-1)
 
     def to(self, device: torch.device) -> Rotary:
-        self.cos, self.sin = self.cos.to(device), self.sin.to(device)
+        self.cos, self.sin_signed = self.cos.to(device), self.sin_signed.to(device)
         return self
 
-    def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """Rotate `x` [batch, heads, T, head_dim] for positions start..start+T-1."""
-        T = x.shape[2]
-        cos = self.cos[start : start + T].to(x.dtype)  # [T, head_dim], broadcast over batch, heads
-        sin = self.sin[start : start + T].to(x.dtype)
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+    def tables(self, start: int, length: int, dtype: torch.dtype) -> RopeTables:
+        """cos and signed sin for positions start..start+length-1, as [T, 1, head_dim]."""
+        cos = self.cos[start : start + length, None].to(dtype)
+        sin = self.sin_signed[start : start + length, None].to(dtype)
+        return cos, sin
+
+
+RopeTables = tuple[torch.Tensor, torch.Tensor]
+
+
+def rotate(x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+    """Apply RoPE to x [B, T, heads, head_dim]; tables broadcast over batch and heads."""
+    cos, sin_signed = rope
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
 
 def causal_mask(start: int, n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor:
@@ -153,20 +167,22 @@ class Attention(nn.Module):
         x: torch.Tensor,
         start: int,
         cache: KVCache | None,
-        rotary: Rotary | None,
+        rope: RopeTables | None,
         record: bool = False,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
 
-        # 1. Project to queries, keys and values.
-        q, k, v = self.qkv(x).split([H * D, H_kv * D, H_kv * D], dim=-1)
-        # 2. Split into heads: [B, T, heads*D] -> [B, heads, T, D].
-        q = q.view(B, T, H, D).transpose(1, 2)
-        k = k.view(B, T, H_kv, D).transpose(1, 2)
-        v = v.view(B, T, H_kv, D).transpose(1, 2)
-        if rotary is not None:
-            q, k = rotary.apply(q, start), rotary.apply(k, start)
+        # 1. Project to queries, keys and values, and 2. split into heads:
+        # [B, T, (H + 2*H_kv)*D] -> [B, T, H + 2*H_kv, D].
+        qkv = self.qkv(x).view(B, T, H + 2 * H_kv, D)
+        qk, v = qkv[:, :, : H + H_kv], qkv[:, :, H + H_kv :]
+        if rope is not None:
+            qk = rotate(qk, rope)  # queries and keys rotated together: one set of ops
+        # [B, T, heads, D] -> [B, heads, T, D]
+        q = qk[:, :, :H].transpose(1, 2)
+        k = qk[:, :, H:].transpose(1, 2)
+        v = v.transpose(1, 2)
 
         # Keys and values of earlier positions come from the cache; ours are written into it.
         if cache is not None:
@@ -176,24 +192,22 @@ class Attention(nn.Module):
             v = cache.v[self.layer, :B, :, : start + T]
         S = k.shape[2]
 
-        # Grouped-query attention: each key/value head serves H / H_kv query heads.
-        if H_kv != H:
-            k = k.repeat_interleave(H // H_kv, dim=1)  # [B, H, S, D]
-            v = v.repeat_interleave(H // H_kv, dim=1)
-
-        # 3. softmax(Q Kᵀ / √D + causal mask) V, per head.
+        # 3. softmax(Q Kᵀ / √D + causal mask) V, per head. With grouped-query attention each
+        # key/value head serves H / H_kv query heads (enable_gqa shares them without copies).
         if record:
-            mask = causal_mask(start, T, S, x.device)
-            y, self.weights = attend(q, k, v, mask)
+            if H_kv != H:
+                k = k.repeat_interleave(H // H_kv, dim=1)  # [B, H, S, D]
+                v = v.repeat_interleave(H // H_kv, dim=1)
+            y, self.weights = attend(q, k, v, causal_mask(start, T, S, x.device))
         elif T == S:
             # Fast path; is_causal is right only because queries and keys line up.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H_kv != H)
         elif T == 1:
             # One new token sees every cached position: no mask at all.
-            y = F.scaled_dot_product_attention(q, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=H_kv != H)
         else:
             mask = causal_mask(start, T, S, x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H_kv != H)
 
         # 4. Concatenate heads: [B, H, T, D] -> [B, T, H*D]; 5. output projection.
         y = y.transpose(1, 2).reshape(B, T, H * D)
@@ -235,10 +249,10 @@ class Block(nn.Module):
         x: torch.Tensor,
         start: int,
         cache: KVCache | None,
-        rotary: Rotary | None,
+        rope: RopeTables | None,
         record: bool,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), start, cache, rotary, record)
+        x = x + self.attn(self.attn_norm(x), start, cache, rope, record)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -316,8 +330,9 @@ class GPT(nn.Module):
         x = self.embed(ids)
         if self.pos_emb is not None:
             x = x + self.pos_emb[start : start + T]
+        rope = self.rotary.tables(start, T, x.dtype) if self.rotary is not None else None
         for block in self.blocks:
-            x = block(x, start, cache, self.rotary, record_attention)
+            x = block(x, start, cache, rope, record_attention)
         if last_only:
             x = x[:, -1:]
         return self.final_norm(x) @ self.head
