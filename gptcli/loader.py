@@ -285,10 +285,10 @@ def _place_embeddings(state: dict[str, torch.Tensor], config: ModelConfig) -> No
     lm_head = state.pop("lm_head", None)
     if config.tie_embeddings:
         # A tied checkpoint may still store the head; it is the same matrix, so drop it.
-        state["head"] = embedding.t().contiguous()  # [vocab, d] -> [d, vocab]
+        state["head.weight"] = embedding.t().contiguous()  # [vocab, d] -> [d, vocab]
     else:
         state["tok_emb"] = embedding
-        state["head"] = lm_head.t().contiguous()
+        state["head.weight"] = lm_head.t().contiguous()
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

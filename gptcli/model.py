@@ -40,6 +40,10 @@ class Linear(nn.Module):
             return x @ self.weight
         return torch.addmm(self.bias, x.flatten(0, -2), self.weight).view(*x.shape[:-1], -1)
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of the [out, in] matrix for ids: a tied head's use as the input embedding."""
+        return self.weight.t()[ids]
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -261,8 +265,8 @@ class GPT(nn.Module):
 
     - `tok_emb` [vocab, d_model] token embedding, absent when the head is tied;
     - `pos_emb` [max_positions, d_model] (gpt2 only);
-    - `head` [d_model, vocab] output projection; when tied it also serves as the embedding,
-      looked up by column, so the shared matrix is held once in the fast layout.
+    - `head` a [d_model -> vocab] Linear; when tied it also serves as the embedding, looked up
+      by column (`Linear.rows`), so the shared matrix is held once, in the fast layout.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -277,7 +281,7 @@ class GPT(nn.Module):
         )
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.final_norm = make_norm(config)
-        self.head = nn.Parameter(torch.empty(d, vocab), requires_grad=False)
+        self.head = Linear(d, vocab, bias=False)
         self.rotary = (
             Rotary(config.head_dim, config.rope_theta, config.max_positions)
             if config.family == "llama"
@@ -292,11 +296,12 @@ class GPT(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.head.dtype
+        """The activations' dtype (weights may be stored otherwise, e.g. int8)."""
+        return self.final_norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.head.device
+        return self.final_norm.weight.device
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.config, batch, max_len, self.dtype, self.device)
@@ -305,7 +310,7 @@ class GPT(nn.Module):
         """ids [B, T] -> [B, T, d_model]."""
         if self.tok_emb is not None:
             return self.tok_emb[ids]
-        return self.head.t()[ids]  # rows of the transposed view = columns of the head
+        return self.head.rows(ids)
 
     @torch.inference_mode()
     def forward(
@@ -335,4 +340,4 @@ class GPT(nn.Module):
             x = block(x, start, cache, rope, record_attention)
         if last_only:
             x = x[:, -1:]
-        return self.final_norm(x) @ self.head
+        return self.head(self.final_norm(x))

@@ -24,22 +24,22 @@ TINY = {
 }
 
 
-def build_hf_model(family: str, tied: bool, kv_heads: int, seed: int = 0):
+def build_hf_model(family: str, tied: bool, kv_heads: int, seed: int = 0, vocab: int = VOCAB):
     import transformers
 
     torch.manual_seed(seed)
     if family == "gpt2":
         config = transformers.GPT2Config(
-            vocab_size=VOCAB, n_positions=128, n_embd=32, n_layer=2, n_head=4,
-            bos_token_id=50256, eos_token_id=50256,
+            vocab_size=vocab, n_positions=128, n_embd=32, n_layer=2, n_head=4,
+            bos_token_id=vocab - 1, eos_token_id=vocab - 1,
         )  # fmt: skip
         model = transformers.GPT2LMHeadModel(config)
     else:
         config = transformers.LlamaConfig(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=128,
             rope_theta=5000.0, rms_norm_eps=1e-5, tie_word_embeddings=tied,
-            bos_token_id=50256, eos_token_id=50256,
+            bos_token_id=vocab - 1, eos_token_id=vocab - 1,
         )  # fmt: skip
         model = transformers.LlamaForCausalLM(config)
     # Random init gives near-uniform logits; a larger scale makes greedy choices decisive.
