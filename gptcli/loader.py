@@ -10,6 +10,7 @@ the tensor being converted.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -190,20 +191,27 @@ def _tensors(model_dir: Path) -> Iterator[tuple[str, Path, torch.Tensor]]:
     else:
         by_file = {path: None for path in files}
     for path, names in by_file.items():
-        try:
-            with safe_open(path, framework="pt", device="cpu") as f:
-                available = set(f.keys())
-                for name in names if names is not None else sorted(available):
-                    if name not in available:
-                        raise LoadError(f"{path}: tensor {name} listed in the index is not here")
-                    yield name, path, f.get_tensor(name)
-        except LoadError:
-            raise
-        except Exception as e:  # safetensors raises its own error types, and OSError
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise LoadError(
-                f"{path}: cannot read safetensors ({reason}); is it truncated?"
-            ) from None
+        with _reading(path), safe_open(path, framework="pt", device="cpu") as f:
+            available = set(f.keys())
+        for name in names if names is not None else sorted(available):
+            if name not in available:
+                raise LoadError(f"{path}: tensor {name} listed in the index is not here")
+            # A fresh memory map per tensor: once the caller has copied the tensor, its pages
+            # leave memory, so loading never holds the file and the model at once.
+            with _reading(path), safe_open(path, framework="pt", device="cpu") as f:
+                tensor = f.get_tensor(name)
+            yield name, path, tensor
+            del tensor
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn safetensors' own errors (and OSError) into one LoadError line naming the file."""
+    try:
+        yield
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LoadError(f"{path}: cannot read safetensors ({reason}); is it truncated?") from None
 
 
 def _read_state(
@@ -227,13 +235,19 @@ def _read_state(
             )
         if not tensor.dtype.is_floating_point:
             raise LoadError(f"{path}: tensor {name} has dtype {tensor.dtype}; expected floats")
-        tensor = tensor.to(device=device, dtype=dtype)
-        if rule.transpose:
-            tensor = tensor.t().contiguous()  # [out, in] -> [in, out]
+        # Always a copy of our own, so no parameter keeps the file's memory map (and with it
+        # every page read so far) alive after loading.
+        tensor = (tensor.t() if rule.transpose else tensor).to(  # [out, in] -> [in, out]
+            device=device, dtype=dtype, memory_format=torch.contiguous_format, copy=True
+        )
         if rule.parts == 1:
             state[ours] = tensor
-        else:
-            fused.setdefault(ours, [None] * rule.parts)[rule.part] = tensor
+            continue
+        pieces = fused.setdefault(ours, [None] * rule.parts)
+        pieces[rule.part] = tensor
+        if all(p is not None for p in pieces):  # fuse now: holding parts would double memory
+            state[ours] = torch.cat(pieces, dim=1)  # type: ignore[arg-type]  # along [.., out]
+            del fused[ours]
     missing = [name for name in _expected_names(config) if name not in seen]
     if missing:
         where = model_dir / (
@@ -241,8 +255,6 @@ def _read_state(
         )
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise LoadError(f"{where}: missing tensor {missing[0]}{more}")
-    for ours, pieces in fused.items():
-        state[ours] = torch.cat(pieces, dim=1)  # type: ignore[arg-type]  # along [.., out]
     _place_embeddings(state, config)
     return state
 
