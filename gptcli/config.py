@@ -19,6 +19,11 @@ ARCHITECTURES = {
 }
 
 
+# The MLP activations our model implements: GELU with the tanh approximation, and SiLU.
+ACTIVATIONS = {"gpt2": ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"), "llama": ("silu", "swish")}
+MAX_POSITIONS = 1 << 22  # beyond any real model; stops absurd configs before allocation
+
+
 class ConfigError(GptcliError):
     """A config file that is missing, unreadable, or describes a model we cannot build."""
 
@@ -46,9 +51,15 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.family not in ("gpt2", "llama"):
             raise ConfigError(f"unknown model family {self.family!r}")
-        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff"):
+        for name in (
+            "vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "max_positions"
+        ):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_positions > MAX_POSITIONS:
+            raise ConfigError(f"a context of {self.max_positions} positions is beyond reason")
+        if not (self.rope_theta > 0 and self.norm_eps > 0):
+            raise ConfigError("rope_theta and the norm epsilon must be positive")
         if self.d_model % self.n_head:
             raise ConfigError(f"hidden size {self.d_model} is not divisible by {self.n_head} heads")
         if self.n_head % self.n_kv_head:
@@ -60,6 +71,9 @@ class ModelConfig:
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Build from the dict of an HF `config.json`; `source` names the file in errors."""
         family = _family(hf, source)
+        activation = hf.get("activation_function" if family == "gpt2" else "hidden_act")
+        if activation not in (None, *ACTIVATIONS[family]):
+            raise ConfigError(f"{source}: activation {activation!r} is not supported for {family}")
         try:
             if family == "gpt2":
                 d_model = int(hf["n_embd"])
@@ -78,6 +92,8 @@ class ModelConfig:
                     eos_token_ids=_id_tuple(hf.get("eos_token_id")),
                 )
             n_head = int(hf["num_attention_heads"])
+            if n_head <= 0:
+                raise ConfigError(f"{source}: num_attention_heads must be positive, got {n_head}")
             rope_scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
             rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
             if rope_type not in ("default", None):
@@ -104,6 +120,10 @@ class ModelConfig:
             )
         except KeyError as e:
             raise ConfigError(f"{source}: required field {e.args[0]!r} is missing") from None
+        except ConfigError as e:
+            if str(e).startswith(source):
+                raise
+            raise ConfigError(f"{source}: {e}") from None
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{source}: a field has a value of the wrong type ({e})") from None
 

@@ -70,7 +70,10 @@ def convert_gguf(
     Raises ConvertError for a missing, unreadable or truncated file, an unsupported architecture,
     tokenizer or tensor type, an unknown `dtype`, or an `out_dir` that exists and is not empty.
     """
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    # Absolute, so the temporary sibling lands beside out_dir even for "." or "name/".
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir).absolute()
+    if out_dir.exists() and out_dir.resolve() == Path.cwd().resolve():
+        raise ConvertError("OUT_DIR is the current folder; give the name of a new folder")
     if dtype not in DTYPES:
         raise ConvertError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     _check_output(out_dir)

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .errors import GptcliError
 from .model import GPT
 from .sampling import SamplingParams, sample
 
@@ -65,6 +66,11 @@ class Generation:
                 self.finish_reason = "length"
                 return
             recent = history[-REPEAT_WINDOW:][None, :] if self.params.repeat_penalty != 1 else None
+            if not bool(torch.isfinite(logits).any()):
+                raise GptcliError(
+                    "the model produced no finite logits (NaN or inf): its weights are broken, "
+                    "or float16 overflowed (try --dtype float32)"
+                )
             next_id = sample(logits, self.params, self.generator, recent)  # [1]
             token = int(next_id.item())  # waits for the device: the token is needed now
             now = time.perf_counter()

@@ -178,6 +178,11 @@ def _weight_files(model_dir: Path) -> dict[str, Path] | list[Path]:
     pickles = [p for p in sorted(model_dir.iterdir()) if p.suffix in PICKLE_SUFFIXES]
     if pickles:
         raise LoadError(_pickle_message(pickles[0]))
+    ggufs = sorted(model_dir.glob("*.gguf"))
+    if ggufs:
+        raise LoadError(
+            f"{ggufs[0]}: GGUF files need converting first: gptcli convert {ggufs[0]} OUT_DIR"
+        )
     raise LoadError(f"{model_dir}: no model.safetensors or {INDEX_FILE} found")
 
 
@@ -221,7 +226,9 @@ def _read_state(
     state: dict[str, torch.Tensor] = {}
     fused: dict[str, list[torch.Tensor | None]] = {}
     seen: set[str] = set()
+    names_in_file: list[str] = []
     for name, path, tensor in _tensors(model_dir):
+        names_in_file.append(name)
         plain = name.removeprefix("transformer.") if config.family == "gpt2" else name
         if IGNORED.search(plain):
             continue
@@ -248,7 +255,9 @@ def _read_state(
         if all(p is not None for p in pieces):  # fuse now: holding parts would double memory
             state[ours] = torch.cat(pieces, dim=1)  # type: ignore[arg-type]  # along [.., out]
             del fused[ours]
-    missing = [name for name in _expected_names(config) if name not in seen]
+    # Name missing tensors as this file spells its others (GPT-2's optional "transformer.").
+    prefix = "transformer." if any(n.startswith("transformer.") for n in names_in_file) else ""
+    missing = [prefix + name for name in _expected_names(config) if name not in seen]
     if missing:
         where = model_dir / (
             INDEX_FILE if (model_dir / INDEX_FILE).is_file() else "model.safetensors"

@@ -85,7 +85,8 @@ def sample(
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
-    scores = logits.to(torch.float32)
+    # NaN (a broken or overflowing model) would poison every filter; treat it as impossible.
+    scores = logits.to(torch.float32).nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     if previous_ids is not None and params.repeat_penalty != 1.0:
         scores = apply_repetition_penalty(scores, previous_ids, params.repeat_penalty)
     fallback = greedy(scores)

@@ -170,3 +170,29 @@ def test_paths_that_are_not_checkpoints(tmp_path, make):
     }[make]
     with pytest.raises(LoadError, match=expected):
         load_model(path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("num_attention_heads", 0, "num_attention_heads must be positive"),
+        ("max_position_embeddings", 10**12, "beyond reason"),
+        ("hidden_act", "relu", "activation 'relu' is not supported"),
+        ("rope_theta", -1, "rope_theta"),
+    ],
+)
+def test_config_values_we_cannot_honour(tiny_models, tmp_path, field, value, message):
+    folder = copy_checkpoint(tiny_models["llama-untied"][1], tmp_path / "cfg")
+    config = json.loads((folder / "config.json").read_text())
+    config[field] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=message) as info:
+        load_model(folder)
+    assert str(info.value).startswith(str(folder / "config.json"))
+
+
+def test_missing_tensor_keeps_the_files_prefix(tiny_models, tmp_path):
+    folder = copy_checkpoint(tiny_models["gpt2"][1], tmp_path / "prefix")
+    edit_tensors(folder, lambda t: t.pop("transformer.h.1.ln_2.bias"))
+    with pytest.raises(LoadError, match=r"missing tensor transformer\.h\.1\.ln_2\.bias$"):
+        load_model(folder)
