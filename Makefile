@@ -59,5 +59,11 @@ format: test-deps
 test: lint weights
 	$(PY) -m pytest -q
 
+# gptcli vs HF transformers (and llama.cpp when llama-cpp-python is installed), same weights,
+# one process. Options: make bench-compare COMPARE_ARGS='-r 5 --models smollm2 --markdown'
+COMPARE_ARGS ?=
+bench-compare: weights test-deps
+	$(PY) -m benchmarks.compare $(COMPARE_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

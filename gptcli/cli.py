@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ app = typer.Typer(
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as shells report it
 MAX_SEED = 2**63 - 1
 
 
@@ -53,7 +55,11 @@ def handled_errors(debug: bool = False) -> Iterator[None]:
         render.newline_if_terminal()
         render.info("interrupted")
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    except MemoryError:
+    except (MemoryError, RuntimeError) as e:
+        # torch reports a failed allocation as RuntimeError (CPU) or OutOfMemoryError (CUDA).
+        out_of_memory = isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+        if debug or not (out_of_memory or "allocate memory" in str(e)):
+            raise
         render.error("out of memory; try a smaller model, a lower -n, or --dtype bfloat16")
         raise typer.Exit(1) from None
 
@@ -73,15 +79,25 @@ def read_text_input(source: str) -> str:
     except OSError as e:
         raise UsageError(f"-f {source}: cannot read ({e.strerror})") from None
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a leading byte-order mark is not prompt text
     except UnicodeDecodeError as e:
         raise UsageError(
             f"{name}: invalid UTF-8 at byte {e.start}; save the prompt as UTF-8 and retry"
         ) from None
     if "\x00" in text:
         raise UsageError(f"{name}: contains NUL bytes; is it a binary file?")
-    # Drop the one final newline that echo and editors add: it is not part of the prompt.
-    return text[:-1] if text.endswith("\n") else text
+    # Drop the one final line break that echo and editors add: it is not part of the prompt.
+    return text.removesuffix("\n").removesuffix("\r")
+
+
+def check_utf8(text: str, what: str) -> str:
+    """Arguments arrive with undecodable bytes smuggled in as lone surrogates; refuse them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        prefix = len(text[: e.start].encode("utf-8", "surrogateescape"))
+        raise UsageError(f"{what}: invalid UTF-8 at byte {prefix}; pass UTF-8 text") from None
+    return text
 
 
 def stdin_is_piped() -> bool:
@@ -97,8 +113,8 @@ def resolve_prompt(prompt: str | None, file: str | None) -> str:
         piped = read_text_input("-")
         if piped:
             parts.append(piped)
-    if prompt is not None:
-        parts.append(prompt)
+    if prompt is not None and (prompt or not parts):  # an empty argument adds no newline
+        parts.append(check_utf8(prompt, "PROMPT"))
     if not parts:
         raise UsageError("no prompt: give one as an argument, with -f FILE, or on stdin")
     return "\n".join(parts)
@@ -238,18 +254,19 @@ def _generate(
     model_dir = resolve_model_dir(model)
 
     from .generate import Generation
-    from .loader import load_model, pick_device, pick_dtype
+    from .loader import check_model_dir, load_model, pick_device, pick_dtype
     from .sampling import SamplingParams, make_generator
     from .tokenizer import StopFilter, StreamDecoder, Tokenizer
 
     params = SamplingParams(
         temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty
     )
-    stop_filter = StopFilter(stop or [])
+    stop_filter = StopFilter([check_utf8(text, "--stop") for text in stop or []])
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
 
     load_started = time.perf_counter()
+    check_model_dir(model_dir)  # first, so a wrong path gets the loader's pointed advice
     with render.status(f"Loading {model_dir}"):
         tokenizer = Tokenizer.from_dir(model_dir)
         gpt = load_model(model_dir, torch_dtype, torch_device)
@@ -324,10 +341,10 @@ def _generate(
             "timings": timings,
         }
         out.write(json.dumps(record, ensure_ascii=False) + "\n")
-        return
-    if no_stream:
-        out.write(text)
-    render.newline_if_terminal()
+    else:
+        if no_stream:
+            out.write(text)
+        render.newline_if_terminal()
     if verbose:
         render.stats(
             {
@@ -358,19 +375,165 @@ def convert(
 ) -> None:
     """Convert a GGUF file into a Hugging Face checkpoint folder (safetensors)."""
     with handled_errors(debug):
-        from .convert import convert_gguf
+        from .convert import DTYPES, convert_gguf
 
+        if dtype not in DTYPES:
+            raise UsageError(f"--dtype: unknown dtype {dtype!r}; choose {', '.join(DTYPES)}")
         with render.status(f"Converting {gguf_file}"):
             convert_gguf(gguf_file, out_dir, dtype=dtype)
         render.info(f"wrote {out_dir}")
 
 
+BENCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
+BENCH_QUANTS = ("none", "int8")
+BENCH_FORMATS = ("table", "json", "csv", "md")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def positive_ints(value: str, option: str) -> tuple[int, ...]:
+    """'128,256' -> (128, 256); anything but positive whole numbers is a usage error."""
+    parts = [part.strip() for part in value.split(",")]
+    try:
+        numbers = tuple(int(part) for part in parts)
+    except ValueError:
+        numbers = ()
+    if not numbers or any(n < 1 for n in numbers):
+        raise UsageError(
+            f"{option}: expected positive whole numbers separated by commas, got {value!r}"
+        )
+    return numbers
+
+
+def names(value: str, option: str, choices: tuple[str, ...]) -> tuple[str, ...]:
+    """'float32,bfloat16' -> a tuple of known names; an unknown one is a usage error."""
+    chosen = tuple(part.strip() for part in value.split(","))
+    for name in chosen:
+        if name not in choices:
+            raise UsageError(f"{option}: unknown value {name!r}; choose from {', '.join(choices)}")
+    return chosen
+
+
+@app.command()
+def bench(
+    model: Model = None,
+    n_prompt: Annotated[
+        str, typer.Option("-p", "--n-prompt", help="Prompt lengths in tokens (comma-separated).")
+    ] = "128",
+    n_gen: Annotated[
+        str, typer.Option("-n", "--n-gen", help="Decode steps to time (comma-separated).")
+    ] = "128",
+    repetitions: Annotated[
+        int, typer.Option("-r", "--repetitions", help="Timed repetitions after one warm-up.")
+    ] = 5,
+    batch: Annotated[str, typer.Option(help="Batch sizes (comma-separated).")] = "1",
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads for torch; default: torch's choice.")
+    ] = None,
+    device: Device = "auto",
+    dtype: Annotated[
+        str,
+        typer.Option(help="auto, float32, bfloat16, float16 (comma-separated for several)."),
+    ] = "auto",
+    compile_step: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the decode step (slow warm-up).")
+    ] = False,
+    quant: Annotated[
+        str, typer.Option(help="none or int8 weights (comma-separated for both).")
+    ] = "none",
+    output: Annotated[
+        str, typer.Option("-o", "--output", help="table, json, csv or md (Markdown).")
+    ] = "table",
+    debug: Debug = False,
+) -> None:
+    """Time prefill and decode on random prompt tokens (one row per combination of values)."""
+    with handled_errors(debug):
+        _bench(**locals())
+
+
+def _bench(
+    model: Path | None,
+    n_prompt: str,
+    n_gen: str,
+    repetitions: int,
+    batch: str,
+    threads: int | None,
+    device: str,
+    dtype: str,
+    compile_step: bool,
+    quant: str,
+    output: str,
+    debug: bool,
+) -> None:
+    # Every value is checked before torch is imported and the model loaded.
+    prompts = positive_ints(n_prompt, "-p/--n-prompt")
+    gens = positive_ints(n_gen, "-n/--n-gen")
+    batches = positive_ints(batch, "--batch")
+    if repetitions < 1:
+        raise UsageError(f"-r/--repetitions must be at least 1, got {repetitions}")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+    if device not in DEVICES:
+        raise UsageError(f"--device: unknown device {device!r}; choose from {', '.join(DEVICES)}")
+    dtypes = names(dtype, "--dtype", BENCH_DTYPES)
+    quants = names(quant, "--quant", BENCH_QUANTS)
+    if output not in BENCH_FORMATS:
+        raise UsageError(f"-o/--output: choose one of {', '.join(BENCH_FORMATS)}, got {output!r}")
+    fmt = output
+    model_dir = resolve_model_dir(model)
+
+    from .config import ModelConfig
+    from .loader import check_model_dir
+
+    check_model_dir(model_dir)
+    context = ModelConfig.from_dir(model_dir).max_positions
+    if max(prompts) + max(gens) > context:
+        raise UsageError(
+            f"-p {max(prompts)} + -n {max(gens)} exceed the model's context of {context} "
+            "positions; lower -p/--n-prompt or -n/--n-gen"
+        )
+
+    from .bench import BenchConfig, row_fields, run_bench
+
+    config = BenchConfig(
+        model_dir=model_dir,
+        n_prompt=prompts,
+        n_gen=gens,
+        batch=batches,
+        dtype=dtypes,
+        quant=quants,
+        repetitions=repetitions,
+        device=device,
+        threads=threads,
+        compile=compile_step,
+    )
+    with render.progress_bar("bench") as progress:
+        rows = run_bench(config, progress)
+    records = [row.record() for row in rows]
+    caption = rows[0].machine().describe() + (" · torch.compile" if compile_step else "")
+    out = render.TextOut()
+    if fmt == "json":
+        out.write(json.dumps(records, indent=2) + "\n")
+    elif fmt == "csv":
+        out.write(render.bench_csv(records, row_fields()))
+    elif fmt == "md":
+        out.write(render.bench_markdown(records, caption))
+    elif sys.stdout.isatty():
+        render.bench_rich(records, caption)
+    else:
+        out.write(render.bench_plain(records, caption))
+
+
 def main() -> None:
     """Console-script entry point: usage errors become one line and exit 2."""
+    # `kill` or `timeout` end us like Ctrl-C does: through exceptions, so cleanup runs.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(EXIT_TERMINATED))
     try:
         code = app(standalone_mode=False)
     except typer.Abort:  # Ctrl-C while the arguments were being read
         code = EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader of stdout or stderr went away (`| head`): not an error
+        render.silence_stdout()
+        code = 0
     except TyperException as e:  # Typer's own (vendored click) usage errors
         ctx = getattr(e, "ctx", None)
         if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:

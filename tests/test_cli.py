@@ -210,3 +210,74 @@ def test_ctrl_c_keeps_text_and_exits_130(default_model_dir):
     assert len(first + rest) >= 8
     assert b"Traceback" not in stderr
     assert str(DEFAULT_MODEL) not in stderr.decode()
+
+
+def test_invalid_utf8_in_the_argument_or_stop_is_a_usage_error(tiny):
+    for args, what in (([b"ab\xffc"], b"PROMPT"), ([b"Hi", b"--stop", b"\xff"], b"--stop")):
+        result = subprocess.run(
+            [*(a.encode() for a in GPTCLI), b"generate", b"-m", tiny.encode(), *args],
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            timeout=60,
+        )
+        assert result.returncode == 2
+        assert what + b": invalid UTF-8 at byte" in result.stderr
+        assert b"Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "shell",
+    [
+        "generate -m {tiny} Hi -n 40 --temp 0 -v 2>&1 | head -c 3",
+        "generate -m {tiny} Hi -n 4 >&-",
+    ],
+)
+def test_closed_stdout_or_stderr_is_not_an_error(tiny, shell):
+    command = f"{sys.executable} -m gptcli " + shell.format(tiny=tiny)
+    result = subprocess.run(
+        ["bash", "-c", f"set -o pipefail; {command}"], capture_output=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"Traceback" not in result.stderr and b"Exception ignored" not in result.stderr
+
+
+def test_help_into_a_closed_pipe_is_quiet():
+    # Rich, which draws the help, exits 1 on a broken pipe; it must at least stay quiet.
+    command = f"{sys.executable} -m gptcli --help | head -c 1"
+    result = subprocess.run(["bash", "-c", command], capture_output=True, timeout=60)
+    assert result.stderr == b""
+
+
+def test_broken_weights_are_reported_not_sampled(tiny, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "nan"
+    shutil.copytree(tiny, folder)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["transformer.wte.weight"] = torch.full_like(
+        tensors["transformer.wte.weight"], float("nan")
+    )
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    for temp in ("0", "0.8"):
+        result = run(["generate", "-m", str(folder), "Hi", "-n", "4", "--temp", temp])
+        assert result.returncode == 1
+        assert b"no finite logits" in result.stderr
+        assert result.stdout == b""
+
+
+def test_gguf_given_as_model_points_to_convert(tmp_path):
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    result = run(["generate", "-m", str(tmp_path / "m.gguf"), "Hi"])
+    assert result.returncode == 1
+    assert b"gptcli convert" in result.stderr
+
+
+def test_convert_usage_errors_and_no_leftovers(tmp_path):
+    result = run(["convert", str(tmp_path / "x.gguf"), str(tmp_path / "out"), "--dtype", "int4"])
+    assert result.returncode == 2 and b"--dtype" in result.stderr
+    result = run(["convert", str(tmp_path / "x.gguf"), "."], cwd=tmp_path)
+    assert result.returncode == 1 and b"current folder" in result.stderr
+    assert list(tmp_path.iterdir()) == []

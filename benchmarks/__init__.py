@@ -1,0 +1,1 @@
+"""Speed comparisons of gptcli with other engines (`make bench-compare`)."""
