@@ -64,20 +64,23 @@ def handled_errors(debug: bool = False) -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-def read_text_input(source: str) -> str:
-    """Read a prompt from a file path or '-' (stdin) as UTF-8, naming the byte of any fault."""
+def read_text_input(source: str, option: str = "-f") -> str:
+    """Read a prompt from a file path or '-' (stdin) as UTF-8, naming the byte of any fault.
+
+    `option` names where the path came from in messages ("" for a positional argument)."""
     name = "stdin" if source == "-" else source
+    where = f"{option} {source}" if option else source
     try:
         if source == "-":
             data = sys.stdin.buffer.read() if sys.stdin is not None else b""
         else:
             data = Path(source).read_bytes()
     except FileNotFoundError:
-        raise UsageError(f"-f {source}: no such file") from None
+        raise UsageError(f"{where}: no such file") from None
     except IsADirectoryError:
-        raise UsageError(f"-f {source}: is a folder, not a prompt file") from None
+        raise UsageError(f"{where}: is a folder, not a prompt file") from None
     except OSError as e:
-        raise UsageError(f"-f {source}: cannot read ({e.strerror})") from None
+        raise UsageError(f"{where}: cannot read ({e.strerror})") from None
     try:
         text = data.decode("utf-8-sig")  # a leading byte-order mark is not prompt text
     except UnicodeDecodeError as e:
@@ -521,6 +524,244 @@ def _bench(
         render.bench_rich(records, caption)
     else:
         out.write(render.bench_plain(records, caption))
+
+
+class _JsonLines:
+    """Records as whole JSON lines, each flushed at once, to a file (-o) or stdout; an
+    interrupted run so leaves only complete lines behind."""
+
+    def __init__(self, path: Path | None, append: bool) -> None:
+        self._stdout = render.TextOut() if path is None else None
+        self._file = None
+        if path is not None:
+            try:
+                self._file = path.open("ab" if append else "wb")
+            except OSError as e:
+                raise UsageError(f"-o {path}: cannot write ({e.strerror})") from None
+
+    @property
+    def closed(self) -> bool:
+        """The reader of stdout went away (`| head`)."""
+        return self._stdout is not None and self._stdout.closed
+
+    def write(self, record: dict[str, object]) -> None:
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        if self._file is not None:
+            self._file.write(line.encode("utf-8"))
+            self._file.flush()
+        elif self._stdout is not None:
+            self._stdout.write(line)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+@app.command()
+def batch(
+    file: Annotated[
+        str | None,
+        typer.Argument(help="Prompts: one per line (\\n for a newline), or JSONL. Default: stdin."),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write the JSONL here, not to stdout.")
+    ] = None,
+    model: Model = None,
+    max_new_tokens: Annotated[
+        int, typer.Option("-n", "--max-new-tokens", help="Most tokens to generate per prompt.")
+    ] = 256,
+    temp: Annotated[float, typer.Option("--temp", help="Temperature; 0 = greedy.")] = 0.8,
+    top_k: Annotated[int, typer.Option("--top-k", help="Keep the k most likely; 0 = off.")] = 40,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling; 1 = off.")] = 0.95,
+    min_p: Annotated[
+        float, typer.Option("--min-p", help="Drop tokens below min-p x the best; 0 = off.")
+    ] = 0.05,
+    repeat_penalty: Annotated[
+        float, typer.Option("--repeat-penalty", help="Penalise the last 64 tokens; 1 = off.")
+    ] = 1.0,
+    seed: Annotated[
+        int, typer.Option("-s", "--seed", help="Seed of every prompt; -1 = a random one each.")
+    ] = -1,
+    stop: Annotated[
+        list[str] | None, typer.Option("--stop", help="Stop before this text (repeatable).")
+    ] = None,
+    truncate: Annotated[
+        bool,
+        typer.Option(
+            "--truncate", help="Drop the oldest prompt tokens when prompt + -n exceed the context."
+        ),
+    ] = False,
+    batch_size: Annotated[
+        int, typer.Option("-b", "--batch-size", help="Prompts generated together.")
+    ] = 8,
+    input_format: Annotated[
+        str, typer.Option("--format", help="auto (JSONL if the first line is a {), text, jsonl.")
+    ] = "auto",
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Keep the results already in -o OUT; run the rest.")
+    ] = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="A summary on stderr.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Generate for many prompts at once; one JSON line per prompt, in input order."""
+    with handled_errors(debug):
+        failed = _batch(**locals())
+    if failed:
+        raise typer.Exit(1)
+
+
+def _batch(
+    file: str | None,
+    output: Path | None,
+    model: Path | None,
+    max_new_tokens: int,
+    temp: float,
+    top_k: int,
+    top_p: float,
+    min_p: float,
+    repeat_penalty: float,
+    seed: int,
+    stop: list[str] | None,
+    truncate: bool,
+    batch_size: int,
+    input_format: str,
+    resume: bool,
+    device: str,
+    dtype: str,
+    verbose: bool,
+    debug: bool,
+) -> int:
+    """Run the batch; the number of prompts that failed (their error records are written)."""
+    check_max_new_tokens(max_new_tokens)
+    if seed != -1:
+        choose_seed(seed)  # validates
+    if batch_size < 1:
+        raise UsageError(f"-b/--batch-size must be at least 1, got {batch_size}")
+    if input_format not in ("auto", "text", "jsonl"):
+        raise UsageError(f"--format: choose auto, text or jsonl, got {input_format!r}")
+    if resume and output is None:
+        raise UsageError("--resume needs -o OUT.jsonl, the output of the run to continue")
+    stops = tuple(check_utf8(text, "--stop") for text in stop or [])
+    if file is None and not stdin_is_piped():
+        raise UsageError("no prompts: give a FILE, or pipe them in (one per line, or JSONL)")
+    source = file or "-"
+    text_in = read_text_input(source, option="")
+    model_dir = resolve_model_dir(model)
+
+    from .batch import (
+        BatchGenerator,
+        Defaults,
+        InOrder,
+        LineError,
+        Request,
+        available_memory,
+        check_memory,
+        id_key,
+        make_request,
+        parse_input,
+        read_finished_ids,
+    )
+    from .loader import check_model_dir, load_model, pick_device, pick_dtype
+    from .sampling import SamplingParams
+    from .tokenizer import StopFilter, Tokenizer
+
+    params = SamplingParams(
+        temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty
+    )
+    StopFilter(stops)  # refuses an empty stop
+    defaults = Defaults(max_new_tokens, params, None if seed == -1 else seed, stops)
+    entries = parse_input(text_in, input_format, defaults)
+    if not entries:
+        name = "stdin" if source == "-" else source
+        raise UsageError(f"{name}: no prompts (every line is blank)")
+    finished = read_finished_ids(output) if resume and output is not None else set()
+    todo = [entry for entry in entries if id_key(entry.id) not in finished]
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+
+    started = time.perf_counter()
+    check_model_dir(model_dir)
+    with render.status(f"Loading {model_dir}"):
+        tokenizer = Tokenizer.from_dir(model_dir)
+        gpt = load_model(model_dir, torch_dtype, torch_device)
+    config = gpt.config
+    if tokenizer.vocab_size > config.vocab_size:
+        raise GptcliError(
+            f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+            f"embedding only {config.vocab_size}; the tokenizer does not belong to this model"
+        )
+
+    requests: list[Request] = []
+    errors: list[LineError] = []
+    for entry in todo:
+        item = entry
+        if not isinstance(entry, LineError):
+            item = make_request(entry, tokenizer, config, truncate)
+        if isinstance(item, LineError):
+            errors.append(item)
+            continue
+        requests.append(item)
+        if item.truncated_from is not None:
+            render.warning(
+                f"id {item.line.id}: prompt truncated to its last {len(item.prompt_ids)} of "
+                f"{item.truncated_from} tokens to fit the context"
+            )
+    if requests:
+        check_memory(
+            config,
+            torch_dtype,
+            min(batch_size, len(requests)),
+            max(len(request.prompt_ids) for request in requests),
+            max(request.line.max_new_tokens for request in requests),
+            available_memory(torch_device),
+        )
+
+    eos_ids = set(config.eos_token_ids) | set(tokenizer.eos_ids)
+    engine = BatchGenerator(gpt, tokenizer, batch_size, eos_ids)
+    order = InOrder(entry.index for entry in todo)
+    sink = _JsonLines(output, append=resume)
+    done = new_tokens = 0
+    generate_started = time.perf_counter()
+    with contextlib.closing(sink), render.batch_progress(len(todo)) as progress:
+
+        def deliver(index: int, record: dict[str, object]) -> None:
+            nonlocal done
+            for due in order.put(index, record):
+                sink.write(due)
+            done += 1
+            progress(done, new_tokens)
+
+        def count_tokens(n: int) -> None:
+            nonlocal new_tokens
+            new_tokens += n
+            progress(done, new_tokens)
+
+        for error in errors:
+            deliver(error.index, error.record())
+        for result in engine.run(requests, on_tokens=count_tokens):
+            deliver(result.request.line.index, result.record())
+            if sink.closed:
+                return 0  # the reader went away, as with `| head`
+    seconds = time.perf_counter() - generate_started
+    if errors:
+        where = f" in {output}" if output is not None else ""
+        render.warning(f"{len(errors)} of {len(todo)} prompts failed: see the error records{where}")
+    if verbose:
+        render.stats(
+            {
+                "prompts": len(todo),
+                "skipped": len(entries) - len(todo),
+                "failed": len(errors),
+                "new tokens": new_tokens,
+                "tok/s": _rate(new_tokens, seconds),
+                "decode steps": engine.decode_steps,
+                "batch size": batch_size,
+                "total s": round(time.perf_counter() - started, 2),
+            }
+        )
+    return len(errors)
 
 
 def main() -> None:

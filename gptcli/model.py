@@ -119,6 +119,12 @@ class Rotary:
         sin = self.sin_signed[start : start + length, None].to(dtype)
         return cos, sin
 
+    def tables_at(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTables:
+        """cos and signed sin for per-row positions [B, T], as [B, T, 1, head_dim]."""
+        cos = self.cos[positions][:, :, None].to(dtype)
+        sin = self.sin_signed[positions][:, :, None].to(dtype)
+        return cos, sin
+
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]
 
@@ -136,12 +142,27 @@ def causal_mask(start: int, n_queries: int, n_keys: int, device: torch.device) -
     return key_pos <= query_pos
 
 
+def padded_causal_mask(
+    start: int, n_queries: int, n_keys: int, left_pad: torch.Tensor
+) -> torch.Tensor:
+    """[B, 1, n_queries, n_keys] booleans for left-padded rows: the causal mask, minus each row's
+    first left_pad[b] slots. A pad slot's own query sees itself only, so that no softmax row is
+    empty (an empty one would be NaN, and NaN times a zero weight still poisons the output)."""
+    causal = causal_mask(start, n_queries, n_keys, left_pad.device)  # [T, S]
+    key_slot = torch.arange(n_keys, device=left_pad.device)
+    not_pad = key_slot[None, :] >= left_pad[:, None]  # [B, S]
+    query_slot = torch.arange(start, start + n_queries, device=left_pad.device)
+    itself = key_slot[None, :] == query_slot[:, None]  # [T, S]
+    return ((causal & not_pad[:, None, :]) | itself)[:, None]  # [B, 1, T, S]
+
+
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The textbook scaled dot product, returning the output and the attention weights.
 
-    q [B, H, T, D], k and v [B, H, S, D], mask [T, S] (True = may attend) or None.
+    q [B, H, T, D], k and v [B, H, S, D], mask [T, S] or [B, 1, T, S] (True = may attend) or
+    None.
     """
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # [B, H, T, S]
     if mask is not None:
@@ -173,7 +194,10 @@ class Attention(nn.Module):
         cache: KVCache | None,
         rope: RopeTables | None,
         record: bool = False,
+        pad_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`pad_mask`: a left-padded batch's [B, 1, T, S] mask (`padded_causal_mask`), or None
+        when no row is padded (then the causal structure alone decides, as below)."""
         B, T, _ = x.shape
         H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
 
@@ -202,7 +226,10 @@ class Attention(nn.Module):
             if H_kv != H:
                 k = k.repeat_interleave(H // H_kv, dim=1)  # [B, H, S, D]
                 v = v.repeat_interleave(H // H_kv, dim=1)
-            y, self.weights = attend(q, k, v, causal_mask(start, T, S, x.device))
+            mask = pad_mask if pad_mask is not None else causal_mask(start, T, S, x.device)
+            y, self.weights = attend(q, k, v, mask)
+        elif pad_mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=pad_mask, enable_gqa=H_kv != H)
         elif T == S:
             # Fast path; is_causal is right only because queries and keys line up.
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H_kv != H)
@@ -255,8 +282,9 @@ class Block(nn.Module):
         cache: KVCache | None,
         rope: RopeTables | None,
         record: bool,
+        pad_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), start, cache, rope, record)
+        x = x + self.attn(self.attn_norm(x), start, cache, rope, record, pad_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -320,24 +348,50 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         record_attention: bool = False,
+        *,
+        left_pad: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] for token ids [B, T] at positions start..start+T-1.
 
         With a cache, keys and values of positions < start are read from it and the new ones
         written; without one, `start` must be 0. `last_only` computes logits for the last
         position alone (all that generation needs), saving a [T, vocab] product in prefill.
+
+        `left_pad` [B] (int64, on the model's device) makes a left-padded batch of rows of
+        different lengths: `start` and the cache then count slots shared by every row, row b's
+        first left_pad[b] slots are padding that no query attends to, and its tokens sit at
+        positions slot - left_pad[b]. So every row's next token goes into the same slot, and each
+        row computes what it would alone. None (no padding) keeps the unpadded fast paths.
         """
         T = ids.shape[1]
-        if start + T > self.config.max_positions:
+        first = start if left_pad is None else start - int(left_pad.min())
+        if first + T > self.config.max_positions:
             raise ValueError(
-                f"positions up to {start + T} exceed the model's {self.config.max_positions}"
+                f"positions up to {first + T} exceed the model's {self.config.max_positions}"
             )
         x = self.embed(ids)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb[start : start + T]
-        rope = self.rotary.tables(start, T, x.dtype) if self.rotary is not None else None
+        pad_mask = None
+        if left_pad is None:
+            if self.pos_emb is not None:
+                x = x + self.pos_emb[start : start + T]
+            rope = self.rotary.tables(start, T, x.dtype) if self.rotary is not None else None
+        else:
+            x, rope, pad_mask = self._left_padded(x, start, left_pad)
         for block in self.blocks:
-            x = block(x, start, cache, rope, record_attention)
+            x = block(x, start, cache, rope, record_attention, pad_mask)
         if last_only:
             x = x[:, -1:]
         return self.head(self.final_norm(x))
+
+    def _left_padded(
+        self, x: torch.Tensor, start: int, left_pad: torch.Tensor
+    ) -> tuple[torch.Tensor, RopeTables | None, torch.Tensor]:
+        """Per-row positions (learned or RoPE) and the pad-aware causal mask of a padded batch."""
+        T = x.shape[1]
+        slots = torch.arange(start, start + T, device=x.device)
+        # Pad slots would get negative positions; 0 keeps their (never attended) outputs finite.
+        positions = (slots[None, :] - left_pad[:, None]).clamp(min=0)  # [B, T]
+        if self.pos_emb is not None:
+            x = x + self.pos_emb[positions]  # [B, T, d_model]
+        rope = self.rotary.tables_at(positions, x.dtype) if self.rotary is not None else None
+        return x, rope, padded_causal_mask(start, T, start + T, left_pad)

@@ -13,6 +13,7 @@ import csv
 import io
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -223,5 +224,41 @@ def progress_bar(description: str) -> Iterator[Callable[[int, int, str], None]]:
             bar.update(
                 task, completed=done, total=total, description=escape(f"{description} {what}")
             )
+
+        yield update
+
+
+@contextlib.contextmanager
+def batch_progress(total: int) -> Iterator[Callable[[int, int], None]]:
+    """An update callback (prompts done, new tokens so far) drawing prompts done, tokens/s and
+    the time left on stderr; doing nothing when stderr is not a terminal."""
+    con = console()
+    if not con.is_terminal or con.is_dumb_terminal:
+        yield lambda done, tokens: None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    started = time.perf_counter()
+    with Progress(
+        TextColumn("batch"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        console=con,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("batch", total=total, rate="")
+
+        def update(done: int, tokens: int) -> None:
+            seconds = time.perf_counter() - started
+            rate = f"{number(tokens / seconds)} tok/s" if seconds > 0 and tokens else ""
+            bar.update(task, completed=done, rate=rate)
 
         yield update

@@ -76,7 +76,10 @@ def test_textbook_attention_equals_fast_path(tiny_models, ids, name):
 
 def test_last_only_equals_last_row(tiny_models, ids):
     model = load_model(tiny_models["llama-gqa-tied"][1])
-    assert torch.equal(model(ids, last_only=True)[:, -1], model(ids)[:, -1])
+    # The head's product over one row and over all rows may be blocked differently by the CPU's
+    # kernels (bit-equal on some CPUs, not on others), so equal up to float32 rounding.
+    last, full = model(ids, last_only=True)[:, -1], model(ids)[:, -1]
+    torch.testing.assert_close(last, full, atol=1e-5, rtol=0)
 
 
 def test_bfloat16_is_close_to_float32(tiny_models, ids):
