@@ -6,21 +6,26 @@ No tensor code lives here, and torch is imported only inside commands that need 
 
 from __future__ import annotations
 
-import contextlib
-import json
-import secrets
-import signal
 import sys
-import time
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Annotated
 
-import typer
-from typer.exceptions import TyperException
+try:  # Ctrl-C during these (slow) imports ends like Ctrl-C anywhere else: one line, exit 130
+    import contextlib
+    import json
+    import secrets
+    import signal
+    import time
+    from collections.abc import Iterator
+    from pathlib import Path
+    from typing import Annotated
 
-from . import render
-from .errors import GptcliError, UsageError
+    import typer
+    from typer.exceptions import TyperException
+
+    from . import render
+    from .errors import GptcliError, UsageError
+except KeyboardInterrupt:
+    sys.stderr.write("interrupted\n")
+    raise SystemExit(130) from None
 
 app = typer.Typer(
     help="Generate text with a from-scratch GPT, streaming to the terminal.",
@@ -41,9 +46,21 @@ def default_model_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "weights" / DEFAULT_MODEL_NAME
 
 
+_said_interrupted = False
+
+
+def say_interrupted() -> None:
+    """'interrupted' on stderr, once, however many layers see the same Ctrl-C."""
+    global _said_interrupted
+    if not _said_interrupted:
+        _said_interrupted = True
+        render.info("interrupted")
+
+
 @contextlib.contextmanager
-def handled_errors(debug: bool = False) -> Iterator[None]:
-    """Turn our errors into one line on stderr and the documented exit code."""
+def handled_errors(debug: bool = False, lower: str = "a lower -n") -> Iterator[None]:
+    """Turn our errors into one line on stderr and the documented exit code; `lower` says
+    which option to lower when memory runs out."""
     try:
         yield
     except GptcliError as e:
@@ -53,14 +70,14 @@ def handled_errors(debug: bool = False) -> Iterator[None]:
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         render.newline_if_terminal()
-        render.info("interrupted")
+        say_interrupted()
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except (MemoryError, RuntimeError) as e:
         # torch reports a failed allocation as RuntimeError (CPU) or OutOfMemoryError (CUDA).
         out_of_memory = isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
         if debug or not (out_of_memory or "allocate memory" in str(e)):
             raise
-        render.error("out of memory; try a smaller model, a lower -n, or --dtype bfloat16")
+        render.error(f"out of memory; try {lower}, a smaller model, or --dtype bfloat16")
         raise typer.Exit(1) from None
 
 
@@ -214,6 +231,13 @@ def generate(
             "--truncate", help="Drop the oldest prompt tokens when prompt + -n exceed the context."
         ),
     ] = False,
+    chat: Annotated[
+        bool,
+        typer.Option("--chat", help="Wrap the prompt in the model's chat template, as one turn."),
+    ] = False,
+    system: Annotated[
+        str | None, typer.Option("--system", help="With --chat: a system message first.")
+    ] = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     json_out: Annotated[
@@ -243,6 +267,8 @@ def _generate(
     seed: int,
     stop: list[str] | None,
     truncate: bool,
+    chat: bool,
+    system: str | None,
     device: str,
     dtype: str,
     json_out: bool,
@@ -254,6 +280,8 @@ def _generate(
     check_max_new_tokens(max_new_tokens)
     seed = choose_seed(seed)
     text_in = resolve_prompt(prompt, file)
+    if system is not None and not chat:
+        raise UsageError("--system needs --chat (it is a message of the chat template)")
     model_dir = resolve_model_dir(model)
 
     from .generate import Generation
@@ -281,9 +309,19 @@ def _generate(
             f"embedding only {config.vocab_size}; the tokenizer does not belong to this model"
         )
 
-    ids = tokenizer.encode(text_in)
-    if tokenizer.add_bos_token and tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
-        ids = [tokenizer.bos_id, *ids]  # Llama-2-style tokenizers expect it, as HF adds it
+    eos_ids = set(config.eos_token_ids) | set(tokenizer.eos_ids)
+    if chat:  # the template writes any BOS itself, and its end-of-turn token ends the reply
+        from .chat import ChatTemplate, conversation, encode_chat, end_of_turn_ids
+
+        template = ChatTemplate.from_dir(model_dir, tokenizer)
+        messages = conversation(text_in, None if system is None else check_utf8(system, "--system"))
+        ids = encode_chat(tokenizer, template.render(messages))
+        eos_ids |= end_of_turn_ids(template, tokenizer)
+    else:
+        ids = tokenizer.encode(text_in)
+        bos_id = tokenizer.bos_id if tokenizer.add_bos_token else None
+        if bos_id is not None and ids[:1] != [bos_id]:
+            ids = [bos_id, *ids]  # Llama-2-style tokenizers expect it, as HF adds it
     if not ids:
         bos = config.bos_token_id if config.bos_token_id is not None else tokenizer.bos_id
         if bos is None:
@@ -291,7 +329,6 @@ def _generate(
         ids = [bos]
     ids = fit_context(ids, max_new_tokens, config.max_positions, truncate)
 
-    eos_ids = set(config.eos_token_ids) | set(tokenizer.eos_ids)
     generation = Generation(
         gpt, ids, max_new_tokens, params, make_generator(seed, str(torch_device)), eos_ids
     )
@@ -606,7 +643,7 @@ def batch(
     debug: Debug = False,
 ) -> None:
     """Generate for many prompts at once; one JSON line per prompt, in input order."""
-    with handled_errors(debug):
+    with handled_errors(debug, lower="a lower -b/--batch-size or -n"):
         failed = _batch(**locals())
     if failed:
         raise typer.Exit(1)
@@ -764,13 +801,487 @@ def _batch(
     return len(errors)
 
 
+def _check_tokenizer_fits(model_dir: Path, tokenizer_vocab: int, model_vocab: int) -> None:
+    if tokenizer_vocab > model_vocab:
+        raise GptcliError(
+            f"{model_dir}: the tokenizer has {tokenizer_vocab} tokens but the model's "
+            f"embedding only {model_vocab}; the tokenizer does not belong to this model"
+        )
+
+
+@app.command()
+def attention(
+    prompt: Annotated[
+        str | None, typer.Argument(help="Prompt text. Piped stdin is read too, and comes first.")
+    ] = None,
+    model: Model = None,
+    layer: Annotated[int, typer.Option("--layer", help="Layer to show, from 0.")] = 0,
+    head: Annotated[int | None, typer.Option("--head", help="Show this head, from 0.")] = None,
+    all_heads: Annotated[
+        bool, typer.Option("--all-heads", help="Show every head of the layer, small.")
+    ] = False,
+    mean: Annotated[
+        bool, typer.Option("--mean", help="Show the mean over the heads (the default).")
+    ] = False,
+    png: Annotated[
+        Path | None,
+        typer.Option("--png", help="Also write the heatmap(s) to this PNG (needs gptcli[png])."),
+    ] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print tokens, weights and the summary as JSON.")
+    ] = False,
+    debug: Debug = False,
+) -> None:
+    """Show which earlier tokens each token attends to, and what each head of a layer does.
+
+    Draws a heatmap (rows: tokens; columns: the tokens they attend to), then a table of heads.
+
+    A head is previous-token, first-token or same-token when its mean weight there is > 0.5.
+
+    The mean is over query rows 1..T-1; a head with no such pattern is "spread".
+    """
+    with handled_errors(debug):
+        _attention(**locals())
+
+
+def _attention(
+    prompt: str | None,
+    model: Path | None,
+    layer: int,
+    head: int | None,
+    all_heads: bool,
+    mean: bool,
+    png: Path | None,
+    json_out: bool,
+    debug: bool,
+) -> None:
+    if (head is not None) + all_heads + mean > 1:
+        raise UsageError("--head, --all-heads and --mean show different views; choose one")
+    text_in = resolve_prompt(prompt, None)
+    model_dir = resolve_model_dir(model)
+    from . import views
+
+    if png is not None:
+        if not views.png_available():
+            raise GptcliError(views.PNG_HINT)
+        if not png.parent.is_dir():
+            raise UsageError(f"--png {png}: the folder {png.parent} does not exist")
+
+    from .config import ModelConfig
+    from .loader import check_model_dir
+
+    check_model_dir(model_dir)
+    config = ModelConfig.from_dir(model_dir)
+    if not 0 <= layer < config.n_layer:
+        raise UsageError(
+            f"--layer {layer} is out of range: this model has layers 0..{config.n_layer - 1}"
+        )
+    if head is not None and not 0 <= head < config.n_head:
+        raise UsageError(
+            f"--head {head} is out of range: this model has heads 0..{config.n_head - 1}"
+        )
+
+    from .attention import (
+        MAX_TOKENS,
+        attention_record,
+        max_entropy_bits,
+        record_attention,
+        summarize_layer,
+        token_texts,
+        view_panels,
+    )
+    from .loader import load_model, pick_device
+    from .perplexity import encode_text
+    from .tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(model_dir)
+    _check_tokenizer_fits(model_dir, tokenizer.vocab_size, config.vocab_size)
+    ids = encode_text(tokenizer, text_in)
+    if not ids:
+        raise UsageError("the prompt is empty; give some text to look at")
+    limit = min(MAX_TOKENS, config.max_positions)
+    if len(ids) > limit:
+        raise UsageError(f"the prompt has {len(ids)} tokens; attention takes at most {limit}")
+    with render.status(f"Loading {model_dir}"):
+        gpt = load_model(model_dir, device=pick_device("auto"))
+    weights = record_attention(gpt, ids)[layer]  # [H, T, T]
+    summaries = [s.record() for s in summarize_layer(weights)]
+    tokens = token_texts(tokenizer, ids)
+    if json_out:
+        record = {"model": str(model_dir), **attention_record(layer, ids, tokens, weights)}
+        render.TextOut().write(json.dumps(record, ensure_ascii=False) + "\n")
+    if json_out and png is None:
+        return
+
+    n = min(len(ids), views.MAX_SHOWN)
+    if n < len(ids):
+        render.warning(
+            f"showing the first {n} of {len(ids)} tokens; the head summary and --json cover all"
+        )
+    panels = view_panels(weights[:, :n, :n], summaries, head, all_heads)
+    title = f"layer {layer} · {len(ids)} tokens"
+    if not json_out:
+        if all_heads:
+            views.print_grid(tokens[:n], [m for _, m in panels], [s["kind"] for s in summaries])
+        else:
+            views.print_heatmap(tokens[:n], panels[0][1], f"{title} · {panels[0][0]}")
+        caption = (
+            f"layer {layer}, {len(ids)} tokens: mean over query rows 1..T-1 of the weight on "
+            f"the previous, first and same token; kind = the one above 0.5. Entropy of an "
+            f"even spread: {max_entropy_bits(len(ids)):.2f} bits."
+        )
+        views.print_table(views.summary_table(summaries, caption))
+    if png is not None:
+        views.write_png(png, tokens[:n], panels, title)
+        render.info(f"wrote {png}")
+
+
+@app.command()
+def info(
+    model: Model = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Describe a model from its files (no weights loaded): shape, size, KV cache, tokens.
+
+    The KV-cache size is given for float32 and for the dtype that --device/--dtype pick.
+    """
+    with handled_errors(debug):
+        model_dir = resolve_model_dir(model)
+        from .info import model_info
+        from .loader import check_model_dir, pick_device, pick_dtype
+        from .views import info_table, print_table
+
+        check_model_dir(model_dir)
+        torch_device = pick_device(device)
+        dtype_name = str(pick_dtype(dtype, torch_device)).removeprefix("torch.")
+        record = model_info(model_dir, dtype_name, str(torch_device))
+        if json_out:
+            render.TextOut().write(json.dumps(record, ensure_ascii=False) + "\n")
+        else:
+            print_table(info_table(record))
+
+
+PERPLEXITY_QUANTS = ("none", "int8")
+
+
+@app.command()
+def perplexity(
+    file: Annotated[str, typer.Argument(help="Text file to score ('-' = stdin), UTF-8.")],
+    model: Model = None,
+    context: Annotated[int, typer.Option("-c", "--context", help="Window length in tokens.")] = 512,
+    stride: Annotated[
+        int | None,
+        typer.Option(help="Tokens between window starts, 1..-c. Default: half of -c."),
+    ] = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    quant: Annotated[str, typer.Option(help="none, or int8 weights (with float32).")] = "none",
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Perplexity of a text, with sliding windows as in HF's strided evaluation.
+
+    Windows of -c tokens start every --stride tokens; each scores the tokens not yet scored.
+
+    The ± is the standard error: perplexity x the standard error of the mean NLL.
+    """
+    with handled_errors(debug):
+        _perplexity(**locals())
+
+
+def _perplexity(
+    file: str,
+    model: Path | None,
+    context: int,
+    stride: int | None,
+    device: str,
+    dtype: str,
+    quant: str,
+    json_out: bool,
+    debug: bool,
+) -> None:
+    if context < 2:
+        raise UsageError(f"-c/--context must be at least 2, got {context}")
+    if stride is not None and not 1 <= stride <= context:
+        raise UsageError(f"--stride must be between 1 and -c/--context ({context}), got {stride}")
+    if quant not in PERPLEXITY_QUANTS:
+        raise UsageError(f"--quant: choose none or int8, got {quant!r}")
+    name = "stdin" if file == "-" else file
+    text_in = read_text_input(file, option="")
+    if not text_in.strip():
+        raise UsageError(f"{name}: is empty; give a text file to score")
+    model_dir = resolve_model_dir(model)
+
+    from .config import ModelConfig
+    from .loader import check_model_dir
+
+    check_model_dir(model_dir)
+    config = ModelConfig.from_dir(model_dir)
+    if context > config.max_positions:
+        raise UsageError(
+            f"-c/--context {context} is larger than the model's context of "
+            f"{config.max_positions} tokens; lower -c"
+        )
+
+    import torch
+
+    from .loader import load_model, pick_device, pick_dtype
+    from .perplexity import default_stride, encode_text
+    from .perplexity import perplexity as score
+    from .tokenizer import Tokenizer
+
+    stride = default_stride(context) if stride is None else stride
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    if quant == "int8" and torch_dtype != torch.float32:
+        raise UsageError("--quant int8 works from float32 weights; use --dtype float32")
+    tokenizer = Tokenizer.from_dir(model_dir)
+    _check_tokenizer_fits(model_dir, tokenizer.vocab_size, config.vocab_size)
+    ids = encode_text(tokenizer, text_in)
+    if len(ids) < 2:
+        raise UsageError(f"{name}: has only 1 token; perplexity needs at least 2")
+
+    with render.status(f"Loading {model_dir}"):
+        gpt = load_model(model_dir, torch_dtype, torch_device)
+        if quant == "int8":
+            from .quant import quantize_int8
+
+            gpt = quantize_int8(gpt)
+    with render.progress_bar("perplexity") as progress:
+        result = score(
+            gpt, ids, context, stride, lambda done, total, ppl: progress(done, total, f"{ppl:.3f}")
+        )
+    out = render.TextOut()
+    if json_out:
+        record = {
+            **result.record(),
+            "model": str(model_dir),
+            "dtype": str(torch_dtype).removeprefix("torch."),
+            "quant": quant,
+        }
+        out.write(json.dumps(record) + "\n")
+        return
+    error = f" ± {result.stderr:.4g}" if result.stderr is not None else ""
+    out.write(
+        f"perplexity {result.ppl:.4f}{error} (mean NLL {result.nll_mean:.4f} nats over "
+        f"{result.tokens_scored} tokens; {result.windows} window{'s' * (result.windows != 1)} "
+        f"of {context}, stride {stride})\n"
+    )
+    render.info("± is the standard error: perplexity x the standard error of the mean NLL")
+
+
+@app.command()
+def chat(
+    model: Model = None,
+    system: Annotated[
+        str | None, typer.Option("--system", help="A system message to start the conversation.")
+    ] = None,
+    max_new_tokens: Annotated[
+        int, typer.Option("-n", "--max-new-tokens", help="Most tokens per reply.")
+    ] = 512,
+    temp: Annotated[float, typer.Option("--temp", help="Temperature; 0 = greedy.")] = 0.8,
+    top_k: Annotated[int, typer.Option("--top-k", help="Keep the k most likely; 0 = off.")] = 40,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling; 1 = off.")] = 0.95,
+    min_p: Annotated[
+        float, typer.Option("--min-p", help="Drop tokens below min-p x the best; 0 = off.")
+    ] = 0.05,
+    repeat_penalty: Annotated[
+        float, typer.Option("--repeat-penalty", help="Penalise the last 64 tokens; 1 = off.")
+    ] = 1.0,
+    seed: Annotated[int, typer.Option("-s", "--seed", help="Random seed; -1 = random.")] = -1,
+    stop: Annotated[
+        list[str] | None, typer.Option("--stop", help="End a reply before this text (repeatable).")
+    ] = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    verbose: Annotated[
+        bool, typer.Option("-v", "--verbose", help="Tokens/s of each reply on stderr.")
+    ] = False,
+    debug: Debug = False,
+) -> None:
+    """Talk with an instruct model in its own chat template; replies stream to stdout.
+
+    Type a message, then Enter. End a line with a backslash (\\) to continue on the next one.
+
+    /reset starts over (keeping --system). /exit or Ctrl-D leaves. Ctrl-C stops a reply.
+
+    Piped stdin: one turn per line. Each reply ends with a newline.
+
+    The KV cache is kept across turns; when the context fills, the oldest turns are dropped.
+    """
+    with handled_errors(debug):
+        failed = _chat(**locals())
+    if failed:
+        raise typer.Exit(1)
+
+
+def _chat(
+    model: Path | None,
+    system: str | None,
+    max_new_tokens: int,
+    temp: float,
+    top_k: int,
+    top_p: float,
+    min_p: float,
+    repeat_penalty: float,
+    seed: int,
+    stop: list[str] | None,
+    device: str,
+    dtype: str,
+    verbose: bool,
+    debug: bool,
+) -> int:
+    """Run the conversation; the number of turns that failed (each reported on stderr)."""
+    check_max_new_tokens(max_new_tokens)
+    seed = choose_seed(seed)
+    if system is not None:
+        check_utf8(system, "--system")
+    stops = [check_utf8(text, "--stop") for text in stop or []]
+    model_dir = resolve_model_dir(model)
+
+    from .chat import ChatSession, ChatTemplate, ChatTemplateError, TurnTooLong, read_message
+    from .loader import check_model_dir, load_model, pick_device, pick_dtype
+    from .sampling import SamplingParams, make_generator
+    from .tokenizer import Tokenizer
+
+    params = SamplingParams(
+        temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty
+    )
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    check_model_dir(model_dir)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    template = ChatTemplate.from_dir(model_dir, tokenizer)  # a base model fails before the load
+    with render.status(f"Loading {model_dir}"):
+        gpt = load_model(model_dir, torch_dtype, torch_device)
+    config = gpt.config
+    if tokenizer.vocab_size > config.vocab_size:
+        raise GptcliError(
+            f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+            f"embedding only {config.vocab_size}; the tokenizer does not belong to this model"
+        )
+    session = ChatSession(
+        gpt,
+        tokenizer,
+        template,
+        params=params,
+        max_new_tokens=max_new_tokens,
+        system=system,
+        generator=make_generator(seed, str(torch_device)),
+        stops=stops,
+        eos_ids=set(config.eos_token_ids) | set(tokenizer.eos_ids),
+    )
+
+    interactive = sys.stdin is not None and not sys.stdin.closed and sys.stdin.isatty()
+    if interactive:
+        render.info(
+            f"chatting with {model_dir.name}: /reset starts over, /exit or Ctrl-D leaves, "
+            "a line ending in \\ continues on the next"
+        )
+
+    def ask(prompt: str) -> None:
+        if interactive:
+            sys.stderr.write(prompt)
+            sys.stderr.flush()
+
+    def readline() -> str:
+        if sys.stdin is None or sys.stdin.closed:
+            return ""
+        return sys.stdin.buffer.readline().decode("utf-8", "surrogateescape")
+
+    out = render.TextOut()
+    failed = 0
+    while True:
+        text = read_message(readline, ask)
+        if text is None:  # end of input (Ctrl-D)
+            ask("\n")
+            return failed
+        command = text.strip()
+        if command in ("/exit", "/quit"):
+            return failed
+        if command == "/reset":
+            session.reset()
+            render.info("conversation cleared")
+            continue
+        if not command:
+            continue
+        try:
+            reply = session.respond(check_utf8(text, "message"))
+        except (UsageError, TurnTooLong, ChatTemplateError) as e:
+            render.error(str(e))
+            failed += 1
+            continue
+        for notice in session.notices:
+            render.warning(notice)
+        session.notices.clear()
+        try:
+            for piece in reply:
+                out.write(piece)
+                if out.closed:  # the reader went away (`| head`)
+                    return failed
+        except KeyboardInterrupt:
+            reply.close()  # keeps the text shown so far as the reply
+            out.write("\n")
+            render.info("reply stopped")
+            continue
+        out.write("\n")
+        if verbose:
+            stats = session.last
+            render.stats(
+                {
+                    "prompt tokens": len(stats.prompt_ids),
+                    "cached": stats.reused_tokens,
+                    "first token s": round(stats.prefill_seconds, 4),
+                    "new tokens": len(stats.new_ids),
+                    "tok/s": stats.tokens_per_second,
+                    "finish": str(stats.finish_reason),
+                }
+            )
+
+
+@app.command()
+def download(
+    repo: Annotated[
+        str, typer.Argument(help="Hub repository, e.g. HuggingFaceTB/SmolLM2-135M-Instruct.")
+    ],
+    revision: Annotated[
+        str | None, typer.Option("--revision", help="Branch, tag or commit; default: main.")
+    ] = None,
+    dest_dir: Annotated[
+        Path | None,
+        typer.Option("--dir", help="Folder to fill; default: weights/<name, lowercased>."),
+    ] = None,
+    debug: Debug = False,
+) -> None:
+    """Fetch a model from the Hugging Face Hub: config, tokenizer and safetensors only.
+
+    Pickle weights (.bin, .pt) are never fetched. An interrupted download resumes.
+
+    Offline (or with HF_HUB_OFFLINE=1) the files come from the Hugging Face cache.
+    """
+    with handled_errors(debug):
+        from .download import default_dir, validate
+        from .download import download as fetch
+
+        result = fetch(repo, dest_dir or default_dir(repo), revision)
+        summary = validate(result.path)
+        source = " (from the local Hugging Face cache)" if result.offline else ""
+        render.info(f"{repo}{source}: {len(result.files)} files in {result.path} — {summary}")
+        render.info(f"use it with: gptcli generate -m {result.path}")
+
+
 def main() -> None:
     """Console-script entry point: usage errors become one line and exit 2."""
     # `kill` or `timeout` end us like Ctrl-C does: through exceptions, so cleanup runs.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(EXIT_TERMINATED))
+    render.quiet_broken_pipes()  # `gptcli --help | head -1` ends with 0, as `cat` would
+    render.show_warnings()  # the loader's warnings (e.g. NaN weights) as one line each
     try:
         code = app(standalone_mode=False)
-    except typer.Abort:  # Ctrl-C while the arguments were being read
+    except (typer.Abort, KeyboardInterrupt):  # Ctrl-C outside a command's own handling
         code = EXIT_INTERRUPTED
     except BrokenPipeError:  # the reader of stdout or stderr went away (`| head`): not an error
         render.silence_stdout()
@@ -783,4 +1294,6 @@ def main() -> None:
             render.error(e.format_message() if hasattr(e, "format_message") else str(e))
             render.info(f"see: {ctx.command_path if ctx else 'gptcli'} --help")
         code = getattr(e, "exit_code", 2)
+    if code == EXIT_INTERRUPTED:  # Typer turns a Ctrl-C while parsing into a bare 130
+        say_interrupted()
     sys.exit(code if isinstance(code, int) else 0)

@@ -15,6 +15,7 @@ Only `numpy` is imported here at module level; `gguf` and `tokenizers` load on f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -100,6 +101,8 @@ def convert_gguf(
     # A sibling, so the final rename stays on one filesystem. mkdir rather than mkdtemp, which
     # would make the folder private.
     tmp = out_dir.parent / f".{out_dir.name}.partial-{secrets.token_hex(4)}"
+    # The parent folders this call creates, deepest first: a failure removes them again.
+    made = [p for p in (out_dir.parent, *out_dir.parent.parents) if not p.exists()]
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
@@ -115,6 +118,9 @@ def convert_gguf(
         os.replace(tmp, out_dir)  # atomic; also replaces an empty folder
     except BaseException as e:  # KeyboardInterrupt included: never leave the partial folder
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only while empty: never what someone else put there
         if isinstance(e, OSError):
             raise ConvertError(f"cannot write {out_dir}: {e.strerror or e}") from None
         raise

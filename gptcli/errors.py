@@ -13,3 +13,8 @@ class GptcliError(Exception):
 
 class UsageError(GptcliError):
     exit_code = 2
+
+
+class GptcliWarning(UserWarning):
+    """Something the user should know that does not stop the run (e.g. NaN weights); the CLI
+    shows it as one `warning:` line on stderr."""

@@ -11,7 +11,9 @@ the tensor being converted.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from .config import ModelConfig, read_json
-from .errors import GptcliError, UsageError
+from .errors import GptcliError, GptcliWarning, UsageError
 from .model import GPT
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -145,8 +147,14 @@ def check_model_dir(model_dir: Path) -> None:
         if model_dir.suffix in PICKLE_SUFFIXES:
             raise LoadError(_pickle_message(model_dir))
         raise LoadError(f"{model_dir}: is a file; -m expects a checkpoint folder")
+    if not os.access(model_dir, os.R_OK | os.X_OK):
+        raise LoadError(f"{model_dir}: cannot read the folder (permission denied)")
     if not (model_dir / "config.json").is_file():
         raise LoadError(f"{model_dir}: no config.json here; is this a Hugging Face checkpoint?")
+    if not (model_dir / INDEX_FILE).is_file() and not any(model_dir.glob("*.safetensors")):
+        pickles = [p for p in sorted(model_dir.iterdir()) if p.suffix in PICKLE_SUFFIXES]
+        if pickles:  # say so before anything else (the tokenizer) is looked at
+            raise LoadError(_pickle_message(pickles[0]))
 
 
 def _pickle_message(path: Path) -> str:
@@ -216,7 +224,15 @@ def _reading(path: Path) -> Iterator[None]:
         yield
     except Exception as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise LoadError(f"{path}: cannot read safetensors ({reason}); is it truncated?") from None
+        if isinstance(e, OSError):
+            hint = "check the file's permissions" if isinstance(e, PermissionError) else ""
+            reason = e.strerror or reason
+        elif "not fully covered" in reason or "incomplete" in reason:
+            hint = "is it truncated? download it again"
+        else:
+            hint = "is it a safetensors file? download it again"
+        message = f"{path}: cannot read safetensors ({reason})" + (hint and f"; {hint}")
+        raise LoadError(message) from None
 
 
 def _read_state(
@@ -244,9 +260,11 @@ def _read_state(
             raise LoadError(f"{path}: tensor {name} has dtype {tensor.dtype}; expected floats")
         # Always a copy of our own, so no parameter keeps the file's memory map (and with it
         # every page read so far) alive after loading.
+        source = tensor
         tensor = (tensor.t() if rule.transpose else tensor).to(  # [out, in] -> [in, out]
             device=device, dtype=dtype, memory_format=torch.contiguous_format, copy=True
         )
+        _warn_if_not_finite(path, name, source, tensor)
         if rule.parts == 1:
             state[ours] = tensor
             continue
@@ -266,6 +284,26 @@ def _read_state(
         raise LoadError(f"{where}: missing tensor {missing[0]}{more}")
     _place_embeddings(state, config)
     return state
+
+
+def _warn_if_not_finite(path: Path, name: str, source: torch.Tensor, loaded: torch.Tensor) -> None:
+    """Warn (the run goes on) about NaN or infinite weights, in the file or made by the cast to
+    a narrower dtype. A float32 sum is the cheap first test: it is finite for finite weights."""
+    if bool(torch.isfinite(loaded.sum(dtype=torch.float32))):
+        return
+    bad = int((~torch.isfinite(source)).sum())
+    if bad:
+        message = f"tensor {name} has {bad} NaN or infinite value(s); the output may be garbage"
+    else:
+        bad = int((~torch.isfinite(loaded)).sum())
+        if not bad:
+            return  # the sum overflowed, not the weights
+        kind = str(loaded.dtype).removeprefix("torch.")
+        message = (
+            f"tensor {name} has {bad} value(s) too large for {kind}, the output may be "
+            "garbage; try --dtype float32"
+        )
+    warnings.warn(f"{path}: {message}", GptcliWarning, stacklevel=2)
 
 
 def _expected_names(config: ModelConfig) -> list[str]:

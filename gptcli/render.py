@@ -73,11 +73,47 @@ def error(message: str) -> None:
 
 
 def warning(message: str) -> None:
-    console().print(f"[yellow]warning:[/] {escape(message)}")
+    console().print(f"[yellow]warning:[/] {escape(_printable(message))}")
 
 
 def info(message: str) -> None:
-    console().print(f"[dim]{escape(message)}[/]")
+    console().print(f"[dim]{escape(_printable(message))}[/]")
+
+
+def show_warnings() -> None:
+    """Show gptcli's own Python warnings (e.g. the loader's NaN weights) as `warning:` lines,
+    every time; other warnings keep Python's usual treatment."""
+    import warnings
+
+    from .errors import GptcliWarning
+
+    warnings.simplefilter("always", GptcliWarning)
+    show_python_warning = warnings.showwarning
+
+    def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, GptcliWarning):
+            warning(str(message))
+        else:
+            show_python_warning(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
+
+
+def quiet_broken_pipes() -> None:
+    """When a reader goes away (`gptcli --help | head -1`), Rich exits 1 by default. Instead:
+    a closed stdout ends the program quietly with 0, as it does for `cat`; a closed stderr just
+    silences the console and the program carries on."""
+
+    def on_broken_pipe(self: Console) -> None:
+        self.quiet = True
+        if self.file is sys.stderr:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+            return
+        silence_stdout()
+        raise SystemExit(0)
+
+    Console.on_broken_pipe = on_broken_pipe  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager

@@ -91,8 +91,14 @@ class Tokenizer:
         tokenizer_path = model_dir / TOKENIZER_FILE
         vocab_path, merges_path = model_dir / VOCAB_FILE, model_dir / MERGES_FILE
         if tokenizer_path.is_file():
+            try:  # read here, so an unreadable file is not reported as a corrupt one
+                data = tokenizer_path.read_bytes()
+            except OSError as exc:
+                raise TokenizerError(
+                    f"{tokenizer_path} cannot be read ({exc.strerror or exc})"
+                ) from exc
             try:
-                backend = tokenizers.Tokenizer.from_file(str(tokenizer_path))
+                backend = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
             except Exception as exc:  # the Rust side raises plain Exception
                 raise TokenizerError(
                     f"{tokenizer_path} cannot be parsed ({_first_line(exc)}); "
@@ -301,7 +307,9 @@ def _read_json(path: Path) -> Any:
     try:
         with path.open(encoding="utf-8") as file:
             return json.load(file)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except OSError as exc:
+        raise TokenizerError(f"{path} cannot be read ({exc.strerror or exc})") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TokenizerError(
             f"{path} is not valid JSON ({_first_line(exc)}); replace it with the model's original"
         ) from exc

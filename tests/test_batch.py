@@ -336,17 +336,18 @@ def test_resume_skips_finished_ids_and_repairs_a_cut_line(tiny, tmp_path):
     assert b"skipped" in result.stderr
 
 
-def test_interrupted_run_leaves_whole_json_lines(default_model_dir, tmp_path):
+def test_interrupted_run_leaves_whole_json_lines(tiny, tmp_path):
     out = tmp_path / "out.jsonl"
-    prompts = "\n".join(f"Tell me about the number {i}." for i in range(40)).encode()
+    n_prompts = 3000  # far more than can finish before the interrupt
+    prompts = "\n".join(f"Tell me about the number {i}." for i in range(n_prompts)).encode()
     proc = subprocess.Popen(
-        [*GPTCLI, "batch", "-m", str(default_model_dir), "-o", str(out), "-n", "200", "-b", "4"],
+        [*GPTCLI, "batch", "-m", tiny, "-o", str(out), "-n", "100", "-b", "4", "--temp", "0"],
         stdin=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
     proc.stdin.write(prompts)
     proc.stdin.close()
-    for _ in range(1200):  # wait until some results are out (at most two minutes)
+    for _ in range(6000):  # wait until some results are out (a busy machine is slow)
         if out.exists() and out.read_bytes().count(b"\n") >= 2:
             break
         if proc.poll() is not None:
@@ -359,7 +360,7 @@ def test_interrupted_run_leaves_whole_json_lines(default_model_dir, tmp_path):
     data = out.read_bytes()
     assert data.endswith(b"\n")
     lines = [json.loads(line) for line in data.splitlines()]
-    assert 2 <= len(lines) < 40
+    assert 2 <= len(lines) < n_prompts
     assert [r["id"] for r in lines] == list(range(1, len(lines) + 1))
 
 
