@@ -72,12 +72,23 @@ def handled_errors(debug: bool = False, lower: str = "a lower -n") -> Iterator[N
         render.newline_if_terminal()
         say_interrupted()
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    except (MemoryError, RuntimeError) as e:
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as e:
+        if debug:
+            raise
         # torch reports a failed allocation as RuntimeError (CPU) or OutOfMemoryError (CUDA).
         out_of_memory = isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
-        if debug or not (out_of_memory or "allocate memory" in str(e)):
-            raise
-        render.error(f"out of memory; try {lower}, a smaller model, or --dtype bfloat16")
+        if out_of_memory or (isinstance(e, RuntimeError) and "allocate memory" in str(e)):
+            render.error(f"out of memory; try {lower}, a smaller model, or --dtype bfloat16")
+        else:
+            # Not an input we know to be bad: a bug here or in a library. One line still, with
+            # the way to the details.
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            render.error(
+                f"unexpected {type(e).__name__}: {first} (a bug; run again with --debug for the "
+                "traceback, and please report it)"
+            )
         raise typer.Exit(1) from None
 
 

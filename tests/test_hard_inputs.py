@@ -581,6 +581,23 @@ def test_out_of_memory_names_what_to_lower(gpt2, invoke, monkeypatch):
     )
 
 
+def test_an_unexpected_exception_is_one_line_with_the_way_to_details(gpt2, invoke, monkeypatch):
+    import gptcli.model
+
+    def broken(*args, **kwargs):
+        raise ValueError("something inside went wrong\nsecond line")
+
+    monkeypatch.setattr(gptcli.model.GPT, "new_cache", broken)
+    result = invoke("generate", "-m", str(gpt2), "Hi", "-n", "3")
+    assert (result.code, result.error) == (
+        1,
+        "error: unexpected ValueError: something inside went wrong (a bug; run again with "
+        "--debug for the traceback, and please report it)",
+    )
+    with pytest.raises(ValueError):  # --debug lets it through
+        invoke("generate", "-m", str(gpt2), "Hi", "-n", "3", "--debug")
+
+
 @pytest.fixture(scope="module")
 def gguf_file(tmp_path_factory) -> Path:
     from .test_convert import write_llama_gguf
