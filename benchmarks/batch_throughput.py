@@ -82,7 +82,9 @@ def main() -> None:
     parser.add_argument("-m", "--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("-n", "--max-new-tokens", type=int, default=64)
     parser.add_argument("--prompts", type=int, default=64, help="how many prompts (at most 64)")
-    parser.add_argument("-b", "--batch-size", type=int, default=32)
+    parser.add_argument(
+        "-b", "--batch-size", default="32", help="batch size(s), comma-separated: 8,16,32"
+    )
     parser.add_argument("--temp", type=float, default=0.8, help="0 = greedy")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
@@ -100,6 +102,7 @@ def main() -> None:
         line = Line(i, i + 1, i + 1, prompt, args.max_new_tokens, params, i, ())
         requests.append(Request(line, tuple(ids)))
     lengths = [len(r.prompt_ids) for r in requests]
+    sizes = [int(size) for size in args.batch_size.split(",")]
     print(
         f"{args.model.name}: {len(requests)} prompts of {min(lengths)}-{max(lengths)} tokens "
         f"(mean {sum(lengths) / len(lengths):.1f}), {args.max_new_tokens} new tokens each, "
@@ -110,21 +113,25 @@ def main() -> None:
 
     warm = [Request(replace(r.line, max_new_tokens=4), r.prompt_ids) for r in requests[:4]]
     sequential(model, tokenizer, warm)
-    batched(model, tokenizer, warm, args.batch_size)
+    batched(model, tokenizer, warm, max(sizes))
 
     seq_s, seq_ids = sequential(model, tokenizer, requests)
     tokens = sum(len(ids) for ids in seq_ids)
     print(f"one Generation per prompt: {seq_s:7.1f} s  {tokens / seq_s:7.1f} tok/s", flush=True)
-    bat_s, bat_ids, steps = batched(model, tokenizer, requests, args.batch_size)
-    tokens_b = sum(len(ids) for ids in bat_ids)
-    print(f"batched ({steps} decode steps): {bat_s:7.1f} s  {tokens_b / bat_s:7.1f} tok/s")
-    same = sum(a == b for a, b in zip(seq_ids, bat_ids, strict=True))
-    print(f"throughput ratio: {(tokens_b / bat_s) / (tokens / seq_s):.1f}x")
-    print(f"rows identical token for token: {same}/{len(requests)}")
-    for i, (a, b) in enumerate(zip(seq_ids, bat_ids, strict=True)):
-        if a != b:
-            first = next(k for k in range(max(len(a), len(b))) if a[k : k + 1] != b[k : k + 1])
-            print(f"  prompt {i + 1}: first different token at position {first}")
+    for size in sizes:
+        bat_s, bat_ids, steps = batched(model, tokenizer, requests, size)
+        tokens_b = sum(len(ids) for ids in bat_ids)
+        print(
+            f"batched, batch size {size} ({steps} decode steps): {bat_s:7.1f} s  "
+            f"{tokens_b / bat_s:7.1f} tok/s"
+        )
+        same = sum(a == b for a, b in zip(seq_ids, bat_ids, strict=True))
+        print(f"  throughput ratio: {(tokens_b / bat_s) / (tokens / seq_s):.1f}x")
+        print(f"  rows identical token for token: {same}/{len(requests)}")
+        for i, (a, b) in enumerate(zip(seq_ids, bat_ids, strict=True)):
+            if a != b:
+                first = next(k for k in range(max(len(a), len(b))) if a[k : k + 1] != b[k : k + 1])
+                print(f"  prompt {i + 1}: first different token at position {first}")
 
 
 if __name__ == "__main__":

@@ -594,6 +594,28 @@ def available_memory(device: torch.device) -> int | None:
         return None
 
 
+def fitting_batch_size(
+    config: ModelConfig,
+    dtype: torch.dtype,
+    batch: int,
+    prompt_tokens: int,
+    max_new: int,
+    available: int | None,
+) -> int:
+    """The largest batch size up to `batch` whose estimate fits in the available memory (all
+    of `batch` when that is unknown), or 0 when not even one prompt fits."""
+    if available is None:
+        return batch
+    budget = MEMORY_SHARE * available
+
+    def fits(size: int) -> bool:
+        return batch_memory_bytes(config, dtype, size, prompt_tokens, max_new) <= budget
+
+    if fits(batch):
+        return batch
+    return max((size for size in range(1, batch) if fits(size)), default=0)
+
+
 def check_memory(
     config: ModelConfig,
     dtype: torch.dtype,
@@ -604,16 +626,14 @@ def check_memory(
 ) -> None:
     """Refuse a batch whose estimate exceeds the available memory, naming a batch size that
     fits (or what to lower when one prompt does not)."""
-    if available is None:
+    fits = fitting_batch_size(config, dtype, batch, prompt_tokens, max_new, available)
+    if fits == batch:
         return
-    budget = MEMORY_SHARE * available
+    assert available is not None
 
     def need(size: int) -> int:
         return batch_memory_bytes(config, dtype, size, prompt_tokens, max_new)
 
-    if need(batch) <= budget:
-        return
-    fits = max((size for size in range(1, batch) if need(size) <= budget), default=0)
     shape = f"prompts of up to {prompt_tokens} tokens with up to {max_new} new tokens"
     if fits == 0:
         raise GptcliError(

@@ -39,6 +39,8 @@ DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as shells report it
 MAX_SEED = 2**63 - 1
+#: `gptcli batch` rows per forward: 9x the throughput of one at a time on 2 CPU cores (README).
+DEFAULT_BATCH_SIZE = 32
 
 
 def default_model_dir() -> Path:
@@ -640,8 +642,15 @@ def batch(
         ),
     ] = False,
     batch_size: Annotated[
-        int, typer.Option("-b", "--batch-size", help="Prompts generated together.")
-    ] = 8,
+        int | None,
+        typer.Option(
+            "-b",
+            "--batch-size",
+            help=f"Prompts generated together (default {DEFAULT_BATCH_SIZE}, fewer if memory "
+            "is short).",
+            show_default=False,
+        ),
+    ] = None,
     input_format: Annotated[
         str, typer.Option("--format", help="auto (JSONL if the first line is a {), text, jsonl.")
     ] = "auto",
@@ -673,7 +682,7 @@ def _batch(
     seed: int,
     stop: list[str] | None,
     truncate: bool,
-    batch_size: int,
+    batch_size: int | None,
     input_format: str,
     resume: bool,
     device: str,
@@ -685,7 +694,7 @@ def _batch(
     check_max_new_tokens(max_new_tokens)
     if seed != -1:
         choose_seed(seed)  # validates
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise UsageError(f"-b/--batch-size must be at least 1, got {batch_size}")
     if input_format not in ("auto", "text", "jsonl"):
         raise UsageError(f"--format: choose auto, text or jsonl, got {input_format!r}")
@@ -706,6 +715,7 @@ def _batch(
         Request,
         available_memory,
         check_memory,
+        fitting_batch_size,
         id_key,
         make_request,
         parse_input,
@@ -756,18 +766,19 @@ def _batch(
                 f"id {item.line.id}: prompt truncated to its last {len(item.prompt_ids)} of "
                 f"{item.truncated_from} tokens to fit the context"
             )
+    rows = batch_size or DEFAULT_BATCH_SIZE
     if requests:
-        check_memory(
-            config,
-            torch_dtype,
-            min(batch_size, len(requests)),
+        shape = (
             max(len(request.prompt_ids) for request in requests),
             max(request.line.max_new_tokens for request in requests),
-            available_memory(torch_device),
         )
+        available = available_memory(torch_device)
+        if batch_size is None:  # the default shrinks to what fits; a size asked for is kept
+            rows = max(1, fitting_batch_size(config, torch_dtype, rows, *shape, available))
+        check_memory(config, torch_dtype, min(rows, len(requests)), *shape, available)
 
     eos_ids = set(config.eos_token_ids) | set(tokenizer.eos_ids)
-    engine = BatchGenerator(gpt, tokenizer, batch_size, eos_ids)
+    engine = BatchGenerator(gpt, tokenizer, rows, eos_ids)
     order = InOrder(entry.index for entry in todo)
     sink = _JsonLines(output, append=resume)
     done = new_tokens = 0
@@ -805,7 +816,7 @@ def _batch(
                 "new tokens": new_tokens,
                 "tok/s": _rate(new_tokens, seconds),
                 "decode steps": engine.decode_steps,
-                "batch size": batch_size,
+                "batch size": rows,
                 "total s": round(time.perf_counter() - started, 2),
             }
         )

@@ -17,8 +17,10 @@ from gptcli.batch import (
     Line,
     LineError,
     Request,
+    batch_memory_bytes,
     check_memory,
     detect_format,
+    fitting_batch_size,
     make_request,
     parse_input,
     read_finished_ids,
@@ -119,6 +121,15 @@ def test_memory_check_names_a_batch_size_that_fits():
         check_memory(config, torch.float32, 64, 2000, 2000, available=6 * 2**30)
     with pytest.raises(GptcliError, match="lower -n or shorten the prompts"):
         check_memory(config, torch.float32, 4, 2000, 6000, available=2**28)
+    # The default batch size shrinks to the largest that fits.
+    assert fitting_batch_size(config, torch.float32, 32, 100, 100, available=None) == 32
+    assert fitting_batch_size(config, torch.float32, 32, 100, 100, available=8 * 2**30) == 32
+    fits = fitting_batch_size(config, torch.float32, 64, 2000, 2000, available=6 * 2**30)
+    assert 1 <= fits < 64
+    budget = 0.8 * 6 * 2**30
+    assert batch_memory_bytes(config, torch.float32, fits, 2000, 2000) <= budget
+    assert batch_memory_bytes(config, torch.float32, fits + 1, 2000, 2000) > budget
+    assert fitting_batch_size(config, torch.float32, 4, 2000, 6000, available=2**28) == 0
 
 
 # --- batched rows equal generating each prompt alone ------------------------------------------
