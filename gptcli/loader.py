@@ -342,12 +342,15 @@ def _place_embeddings(state: dict[str, torch.Tensor], config: ModelConfig) -> No
     """Put the input embedding and output head where GPT expects them (see GPT's docstring)."""
     embedding = state.pop("embedding")
     lm_head = state.pop("lm_head", None)
+    # The head's [d, vocab] weight is a transposed view of the [vocab, d] matrix, not a copy:
+    # no second 100+ MB buffer while loading, and oneDNN's kernel (model.Linear) reads the
+    # [vocab, d] rows it prefers. Lookups by row stay contiguous too.
     if config.tie_embeddings:
         # A tied checkpoint may still store the head; it is the same matrix, so drop it.
-        state["head.weight"] = embedding.t().contiguous()  # [vocab, d] -> [d, vocab]
+        state["head.weight"] = embedding.t()  # [vocab, d] -> [d, vocab]
     else:
         state["tok_emb"] = embedding
-        state["head.weight"] = lm_head.t().contiguous()
+        state["head.weight"] = lm_head.t()
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
