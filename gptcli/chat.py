@@ -18,7 +18,6 @@ the context, the oldest turns are dropped (the system message stays) and the cac
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -453,58 +452,35 @@ class ChatSession:
         return self.cache
 
     def _tokens(self, ids: list[int], stats: TurnStats) -> Iterator[int]:
-        """Prefill what the cache lacks, then decode one token at a time (as `Generation`)."""
-        import torch
+        """Prefill what the cache lacks, then decode one token at a time (`Generation`)."""
+        from .generate import Generation
 
-        from .generate import REPEAT_WINDOW
-        from .sampling import sample
-
-        model, device = self.model, self.model.device
         # Reuse the longest prefix the cache holds, but always feed at least one token: its
         # logits are the first prediction.
         reuse = min(common_prefix(self.cached_ids, ids), len(ids) - 1)
         self.cached_ids = self.cached_ids[:reuse]
         stats.reused_tokens = reuse
         cache = self._ensure_cache(min(len(ids) + self.max_new_tokens, self.context), reuse)
-        history = torch.tensor(ids[-REPEAT_WINDOW:], device=device)
-        started = time.perf_counter()
-        fresh = torch.tensor(ids[reuse:], device=device)[None, :]  # [1, new]
-        logits = model(fresh, start=reuse, cache=cache, last_only=True)[:, -1]  # [1, vocab]
-        self.cached_ids = list(ids)  # only once the forward pass is complete
-        position = len(ids)
-        while True:
-            if len(stats.new_ids) >= self.max_new_tokens:
-                stats.finish_reason = "length"
-                return
-            recent = history[-REPEAT_WINDOW:][None, :] if self.params.repeat_penalty != 1 else None
-            if not bool(torch.isfinite(logits).any()):
-                raise GptcliError(
-                    "the model produced no finite logits (NaN or inf): its weights are broken, "
-                    "or float16 overflowed (try --dtype float32)"
-                )
-            next_id = sample(logits, self.params, self.generator, recent)  # [1]
-            token = int(next_id.item())
-            now = time.perf_counter()
-            if not stats.new_ids:
-                stats.prefill_seconds = now - started
-            else:
-                stats.decode_seconds = now - started - stats.prefill_seconds
-            if token in self.eos_ids:
-                stats.finish_reason = "eos"
-                return
-            stats.new_ids.append(token)
-            yield token
-            if position >= self.context:
-                stats.finish_reason = "context"
-                return
-            if len(stats.new_ids) >= self.max_new_tokens:
-                stats.finish_reason = "length"
-                return
-            if recent is not None:
-                history = torch.cat([history[-REPEAT_WINDOW:], next_id])
-            logits = model(next_id[None, :], start=position, cache=cache)[:, -1]
-            self.cached_ids.append(token)
-            position += 1
+        generation = Generation(
+            self.model,
+            ids,
+            self.max_new_tokens,
+            self.params,
+            self.generator,
+            self.eos_ids,
+            cache=cache,
+            reuse=reuse,
+        )
+        stats.new_ids = generation.new_ids
+        try:
+            yield from generation
+        finally:
+            # Also after a stop string or Ctrl-C: the cache holds exactly what was fed.
+            self.cached_ids = (list(ids) + generation.new_ids)[: generation.cached_len]
+            stats.prefill_seconds = generation.prefill_seconds
+            stats.decode_seconds = generation.decode_seconds
+            if generation.finish_reason is not None:
+                stats.finish_reason = generation.finish_reason
 
 
 class TurnStats:

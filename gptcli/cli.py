@@ -211,6 +211,16 @@ Dtype = Annotated[
     str, typer.Option(help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16.")
 ]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+# Sampling options shared by generate, batch and chat.
+Temp = Annotated[float, typer.Option("--temp", help="Temperature; 0 = greedy.")]
+TopK = Annotated[int, typer.Option("--top-k", help="Keep the k most likely; 0 = off.")]
+TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling; 1 = off.")]
+MinP = Annotated[
+    float, typer.Option("--min-p", help="Drop tokens below min-p x the best; 0 = off.")
+]
+RepeatPenalty = Annotated[
+    float, typer.Option("--repeat-penalty", help="Penalise the last 64 tokens; 1 = off.")
+]
 
 
 @app.command()
@@ -225,15 +235,11 @@ def generate(
     max_new_tokens: Annotated[
         int, typer.Option("-n", "--max-new-tokens", help="Most tokens to generate.")
     ] = 256,
-    temp: Annotated[float, typer.Option("--temp", help="Temperature; 0 = greedy.")] = 0.8,
-    top_k: Annotated[int, typer.Option("--top-k", help="Keep the k most likely; 0 = off.")] = 40,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling; 1 = off.")] = 0.95,
-    min_p: Annotated[
-        float, typer.Option("--min-p", help="Drop tokens below min-p x the best; 0 = off.")
-    ] = 0.05,
-    repeat_penalty: Annotated[
-        float, typer.Option("--repeat-penalty", help="Penalise the last 64 tokens; 1 = off.")
-    ] = 1.0,
+    temp: Temp = 0.8,
+    top_k: TopK = 40,
+    top_p: TopP = 0.95,
+    min_p: MinP = 0.05,
+    repeat_penalty: RepeatPenalty = 1.0,
     seed: Annotated[int, typer.Option("-s", "--seed", help="Random seed; -1 = random.")] = -1,
     stop: Annotated[
         list[str] | None, typer.Option("--stop", help="Stop before this text (repeatable).")
@@ -620,15 +626,11 @@ def batch(
     max_new_tokens: Annotated[
         int, typer.Option("-n", "--max-new-tokens", help="Most tokens to generate per prompt.")
     ] = 256,
-    temp: Annotated[float, typer.Option("--temp", help="Temperature; 0 = greedy.")] = 0.8,
-    top_k: Annotated[int, typer.Option("--top-k", help="Keep the k most likely; 0 = off.")] = 40,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling; 1 = off.")] = 0.95,
-    min_p: Annotated[
-        float, typer.Option("--min-p", help="Drop tokens below min-p x the best; 0 = off.")
-    ] = 0.05,
-    repeat_penalty: Annotated[
-        float, typer.Option("--repeat-penalty", help="Penalise the last 64 tokens; 1 = off.")
-    ] = 1.0,
+    temp: Temp = 0.8,
+    top_k: TopK = 40,
+    top_p: TopP = 0.95,
+    min_p: MinP = 0.05,
+    repeat_penalty: RepeatPenalty = 1.0,
     seed: Annotated[
         int, typer.Option("-s", "--seed", help="Seed of every prompt; -1 = a random one each.")
     ] = -1,
@@ -1104,15 +1106,11 @@ def chat(
     max_new_tokens: Annotated[
         int, typer.Option("-n", "--max-new-tokens", help="Most tokens per reply.")
     ] = 512,
-    temp: Annotated[float, typer.Option("--temp", help="Temperature; 0 = greedy.")] = 0.8,
-    top_k: Annotated[int, typer.Option("--top-k", help="Keep the k most likely; 0 = off.")] = 40,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling; 1 = off.")] = 0.95,
-    min_p: Annotated[
-        float, typer.Option("--min-p", help="Drop tokens below min-p x the best; 0 = off.")
-    ] = 0.05,
-    repeat_penalty: Annotated[
-        float, typer.Option("--repeat-penalty", help="Penalise the last 64 tokens; 1 = off.")
-    ] = 1.0,
+    temp: Temp = 0.8,
+    top_k: TopK = 40,
+    top_p: TopP = 0.95,
+    min_p: MinP = 0.05,
+    repeat_penalty: RepeatPenalty = 1.0,
     seed: Annotated[int, typer.Option("-s", "--seed", help="Random seed; -1 = random.")] = -1,
     stop: Annotated[
         list[str] | None, typer.Option("--stop", help="End a reply before this text (repeatable).")

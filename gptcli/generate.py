@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .errors import GptcliError
-from .model import GPT
+from .model import GPT, KVCache
 from .sampling import SamplingParams, sample
 
 #: How many recent tokens the repetition penalty looks at (llama.cpp's default).
@@ -32,16 +32,27 @@ class Generation:
         params: SamplingParams,
         generator: torch.Generator | None = None,
         eos_ids: Sequence[int] = (),
+        cache: KVCache | None = None,
+        reuse: int = 0,
     ) -> None:
+        """`cache` and `reuse`: continue in a cache that already holds the keys and values of
+        the first `reuse` prompt ids (a chat's earlier turns); only the rest are prefilled. By
+        default a fresh cache is made for the prompt and every token that may follow."""
         if not prompt_ids:
             raise ValueError("the prompt must have at least one token")
+        if not 0 <= reuse < len(prompt_ids):
+            raise ValueError("at least one prompt token must be fed: its logits come next")
         self.model = model
         self.prompt_ids = list(prompt_ids)
         self.max_new_tokens = max_new_tokens
         self.params = params
         self.generator = generator
         self.eos_ids = frozenset(eos_ids)
+        self.cache = cache
+        self.reuse = reuse
         self.new_ids: list[int] = []
+        #: How many of prompt_ids + new_ids have their keys and values in the cache.
+        self.cached_len = reuse
         self.finish_reason: str | None = None
         self.prefill_seconds = 0.0
         self.decode_seconds = 0.0
@@ -54,12 +65,17 @@ class Generation:
             raise ValueError(f"a prompt of {n_prompt} tokens leaves no room in {context}")
         # One cache for the whole request: prompt plus every token we may generate.
         total = min(n_prompt + self.max_new_tokens, context)
-        cache = model.new_cache(batch=1, max_len=total)
+        cache = self.cache
+        if cache is None:
+            cache = model.new_cache(batch=1, max_len=total)
+        elif cache.max_len < total:
+            raise ValueError(f"the cache holds {cache.max_len} positions; {total} are needed")
         history = torch.tensor(self.prompt_ids, device=model.device)  # for the repeat penalty
 
         started = time.perf_counter()
-        prompt = history[None, :]  # [1, n_prompt]
-        logits = model(prompt, start=0, cache=cache, last_only=True)[:, -1]  # [1, vocab]
+        fresh = history[None, self.reuse :]  # [1, n_prompt - reuse]
+        logits = model(fresh, start=self.reuse, cache=cache, last_only=True)[:, -1]  # [1, vocab]
+        self.cached_len = n_prompt
         position = n_prompt
         while True:
             if len(self.new_ids) >= self.max_new_tokens:
@@ -93,3 +109,4 @@ class Generation:
                 history = torch.cat([history[-REPEAT_WINDOW:], next_id])
             logits = model(next_id[None, :], start=position, cache=cache)[:, -1]
             position += 1
+            self.cached_len = position
