@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from gptcli import cli
 from gptcli.config import ConfigError
@@ -30,6 +29,7 @@ from gptcli.loader import LoadError, load_model
 
 from .conftest import build_hf_model, save_checkpoint
 from .test_cli import GPTCLI, run
+from .test_loader import copy_checkpoint, edit_tensors
 
 NOWHERE = "/nonexistent/gptcli-model"
 
@@ -37,18 +37,6 @@ NOWHERE = "/nonexistent/gptcli-model"
 @pytest.fixture(scope="module")
 def gpt2(tiny_models) -> Path:
     return tiny_models["gpt2"][1]
-
-
-def copy_model(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
-def edit_tensors(folder: Path, edit) -> None:
-    path = folder / "model.safetensors"
-    tensors = load_file(path)
-    edit(tensors)
-    save_file(tensors, path, metadata={"format": "pt"})
 
 
 def edit_config(folder: Path, edit) -> None:
@@ -100,7 +88,7 @@ def invoke(monkeypatch, capfd):
 
 
 def test_garbage_or_oversized_safetensors_header(gpt2, tmp_path, invoke):
-    folder = copy_model(gpt2, tmp_path / "header")
+    folder = copy_checkpoint(gpt2, tmp_path / "header")
     path = folder / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes((2**60).to_bytes(8, "little") + data[8:])
@@ -116,7 +104,7 @@ def test_garbage_or_oversized_safetensors_header(gpt2, tmp_path, invoke):
 
 
 def test_truncated_safetensors_from_the_command(gpt2, tmp_path, invoke):
-    folder = copy_model(gpt2, tmp_path / "cut")
+    folder = copy_checkpoint(gpt2, tmp_path / "cut")
     path = folder / "model.safetensors"
     path.write_bytes(path.read_bytes()[:4096])
     result = invoke("generate", "-m", str(folder), "Hi")
@@ -125,7 +113,7 @@ def test_truncated_safetensors_from_the_command(gpt2, tmp_path, invoke):
 
 
 def test_integer_tensor_is_refused(gpt2, tmp_path):
-    folder = copy_model(gpt2, tmp_path / "ints")
+    folder = copy_checkpoint(gpt2, tmp_path / "ints")
     name = "transformer.h.0.ln_1.weight"
     edit_tensors(folder, lambda t: t.update({name: torch.ones(32, dtype=torch.int32)}))
     with pytest.raises(LoadError, match=rf"tensor {name} has dtype torch.int32; expected floats$"):
@@ -133,7 +121,7 @@ def test_integer_tensor_is_refused(gpt2, tmp_path):
 
 
 def test_nan_weights_warn_and_still_run(gpt2, tmp_path, invoke):
-    folder = copy_model(gpt2, tmp_path / "nan")
+    folder = copy_checkpoint(gpt2, tmp_path / "nan")
 
     def poison(tensors):  # an unused token's embedding row: the model still works
         tensors["transformer.wte.weight"][50000, :2] = torch.tensor([float("nan"), float("inf")])
@@ -151,7 +139,7 @@ def test_nan_weights_warn_and_still_run(gpt2, tmp_path, invoke):
 
 
 def test_weights_that_overflow_float16_warn(gpt2, tmp_path):
-    folder = copy_model(gpt2, tmp_path / "big")
+    folder = copy_checkpoint(gpt2, tmp_path / "big")
     edit_tensors(folder, lambda t: t["transformer.h.1.mlp.c_fc.weight"][0, :3].fill_(1e6))
     with pytest.warns(GptcliWarning, match="has 3 value.s. too large for float16.*--dtype float32"):
         load_model(folder, dtype=torch.float16)
@@ -161,7 +149,7 @@ def test_weights_that_overflow_float16_warn(gpt2, tmp_path):
 
 
 def test_config_json_that_is_not_json(gpt2, tmp_path, invoke):
-    folder = copy_model(gpt2, tmp_path / "notjson")
+    folder = copy_checkpoint(gpt2, tmp_path / "notjson")
     (folder / "config.json").write_text("{nope")
     result = invoke("generate", "-m", str(folder), "Hi")
     assert result.code == 1
@@ -172,7 +160,7 @@ def test_config_json_that_is_not_json(gpt2, tmp_path, invoke):
 
 
 def test_missing_or_corrupt_tokenizer_from_the_command(gpt2, tmp_path, invoke):
-    folder = copy_model(gpt2, tmp_path / "tok")
+    folder = copy_checkpoint(gpt2, tmp_path / "tok")
     (folder / "merges.txt").unlink()
     result = invoke("generate", "-m", str(folder), "Hi")
     assert result.code == 1
@@ -214,7 +202,7 @@ def test_unreadable_files_are_named(gpt2, tmp_path, monkeypatch):
     """Simulated with a PermissionError, so it holds when tests run as root too."""
     import gptcli.loader
 
-    folder = copy_model(gpt2, tmp_path / "locked")
+    folder = copy_checkpoint(gpt2, tmp_path / "locked")
     real_read_text = Path.read_text
 
     def locked_read_text(self, *args, **kwargs):
@@ -239,7 +227,7 @@ def test_unreadable_files_are_named(gpt2, tmp_path, monkeypatch):
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_chmod_000_folder_and_files(gpt2, tmp_path):
-    folder = copy_model(gpt2, tmp_path / "chmod")
+    folder = copy_checkpoint(gpt2, tmp_path / "chmod")
     os.chmod(folder / "vocab.json", 0)
     result = run(["generate", "-m", str(folder), "Hi"])
     assert result.returncode == 1
@@ -289,7 +277,7 @@ def test_pickle_checkpoints_are_never_unpickled(gpt2, tmp_path, invoke, name):
 
 
 def test_no_code_from_the_model_folder_runs(gpt2, tmp_path, invoke):
-    folder = copy_model(gpt2, tmp_path / "remote")
+    folder = copy_checkpoint(gpt2, tmp_path / "remote")
     marker = tmp_path / "code-ran"
     code = f"open({str(marker)!r}, 'w').close()\n"
     for name in ("modeling_evil.py", "tokenization_evil.py", "configuration_evil.py"):
@@ -319,7 +307,7 @@ def test_empty_prompt_starts_from_the_start_token(gpt2, invoke):
 
 
 def test_empty_prompt_without_a_start_token_is_refused(gpt2, tmp_path, invoke):
-    folder = copy_model(gpt2, tmp_path / "nobos")
+    folder = copy_checkpoint(gpt2, tmp_path / "nobos")
     edit_config(folder, lambda c: c.pop("bos_token_id"))
     result = invoke("generate", "-m", str(folder), "")
     assert (result.code, result.error) == (
@@ -373,7 +361,7 @@ def test_markup_escapes_and_carriage_returns_are_literal(gpt2, tmp_path, invoke)
     path = tmp_path / "[bold]x\x1b[31m.txt"
     result = invoke("generate", "-m", str(gpt2), "-f", str(path))
     assert result.error == f"error: -f {tmp_path}/[bold]x\\x1b[31m.txt: no such file"
-    folder = copy_model(gpt2, tmp_path / "[red]warn\r")
+    folder = copy_checkpoint(gpt2, tmp_path / "[red]warn\r")
     edit_tensors(folder, lambda t: t["transformer.wte.weight"][50001].fill_(float("nan")))
     result = invoke("generate", "-m", str(folder), "Hi", "-n", "1")
     assert result.code == 0
