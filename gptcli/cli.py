@@ -49,6 +49,24 @@ def default_model_dir() -> Path:
 
 
 _said_interrupted = False
+_sigint_seen = False
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    """Ctrl-C as Python's default handler does it, remembered: numpy's start-up (inside
+    `import torch`) swallows the KeyboardInterrupt, and `import_torch` must not."""
+    global _sigint_seen
+    _sigint_seen = True
+    raise KeyboardInterrupt
+
+
+def import_torch() -> None:
+    """Import torch (most of a second) before the commands' own modules, and honour a Ctrl-C
+    that arrived while it was importing."""
+    import torch  # noqa: F401
+
+    if _sigint_seen:
+        raise KeyboardInterrupt
 
 
 def say_interrupted() -> None:
@@ -303,6 +321,7 @@ def _generate(
         raise UsageError("--system needs --chat (it is a message of the chat template)")
     model_dir = resolve_model_dir(model)
 
+    import_torch()
     from .generate import Generation
     from .loader import check_model_dir, load_model, pick_device, pick_dtype
     from .sampling import SamplingParams, make_generator
@@ -434,6 +453,7 @@ def convert(
 ) -> None:
     """Convert a GGUF file into a Hugging Face checkpoint folder (safetensors)."""
     with handled_errors(debug):
+        import_torch()
         from .convert import DTYPES, convert_gguf
 
         if dtype not in DTYPES:
@@ -540,6 +560,7 @@ def _bench(
     fmt = output
     model_dir = resolve_model_dir(model)
 
+    import_torch()
     from .config import ModelConfig
     from .loader import check_model_dir
 
@@ -709,6 +730,7 @@ def _batch(
     text_in = read_text_input(source, option="")
     model_dir = resolve_model_dir(model)
 
+    import_torch()
     from .batch import (
         BatchGenerator,
         Defaults,
@@ -891,6 +913,7 @@ def _attention(
         if not png.parent.is_dir():
             raise UsageError(f"--png {png}: the folder {png.parent} does not exist")
 
+    import_torch()
     from .config import ModelConfig
     from .loader import check_model_dir
 
@@ -974,6 +997,7 @@ def info(
     """
     with handled_errors(debug):
         model_dir = resolve_model_dir(model)
+        import_torch()
         from .info import model_info
         from .loader import check_model_dir, pick_device, pick_dtype
         from .views import info_table, print_table
@@ -1039,6 +1063,7 @@ def _perplexity(
         raise UsageError(f"{name}: is empty; give a text file to score")
     model_dir = resolve_model_dir(model)
 
+    import_torch()
     from .config import ModelConfig
     from .loader import check_model_dir
 
@@ -1162,6 +1187,7 @@ def _chat(
     stops = [check_utf8(text, "--stop") for text in stop or []]
     model_dir = resolve_model_dir(model)
 
+    import_torch()
     from .chat import ChatSession, ChatTemplate, ChatTemplateError, TurnTooLong, read_message
     from .loader import check_model_dir, load_model, pick_device, pick_dtype
     from .sampling import SamplingParams, make_generator
@@ -1283,6 +1309,7 @@ def download(
     Offline (or with HF_HUB_OFFLINE=1) the files come from the Hugging Face cache.
     """
     with handled_errors(debug):
+        import_torch()
         from .download import default_dir, validate
         from .download import download as fetch
 
@@ -1297,6 +1324,7 @@ def main() -> None:
     """Console-script entry point: usage errors become one line and exit 2."""
     # `kill` or `timeout` end us like Ctrl-C does: through exceptions, so cleanup runs.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(EXIT_TERMINATED))
+    signal.signal(signal.SIGINT, _on_sigint)
     render.quiet_broken_pipes()  # `gptcli --help | head -1` ends with 0, as `cat` would
     render.show_warnings()  # the loader's warnings (e.g. NaN weights) as one line each
     try:
