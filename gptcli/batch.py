@@ -116,10 +116,18 @@ def detect_format(text: str) -> str:
     return "text"
 
 
-def parse_input(text: str, fmt: str, defaults: Defaults) -> list[Entry]:
+#: The JSONL keys a line may set; others (an eval set's answers, say) are carried along unused.
+JSONL_KEYS = frozenset({"prompt", "id", "max_new_tokens", "seed", "stop", *_PARAM_KEYS})
+
+
+def parse_input(
+    text: str, fmt: str, defaults: Defaults, unknown: set[str] | None = None
+) -> list[Entry]:
     """Every non-blank line of `text` as a Line, or a LineError saying what is wrong with it.
 
     ids default to the 1-based line number; a repeated id is an error (resume needs unique ids).
+    JSONL keys that are not options are added to `unknown` when given, so the caller can warn
+    of a misspelt one.
     """
     if fmt == "auto":
         fmt = detect_format(text)
@@ -133,7 +141,7 @@ def parse_input(text: str, fmt: str, defaults: Defaults) -> list[Entry]:
         if fmt == "text":
             entry: Entry = _line(index, number, number, unescape(raw), {}, defaults)
         else:
-            entry = _jsonl_line(index, number, raw, defaults)
+            entry = _jsonl_line(index, number, raw, defaults, unknown)
         key = id_key(entry.id)
         if key in first_line_of and isinstance(entry, Line):
             first = first_line_of[key]
@@ -145,7 +153,9 @@ def parse_input(text: str, fmt: str, defaults: Defaults) -> list[Entry]:
     return entries
 
 
-def _jsonl_line(index: int, number: int, raw: str, defaults: Defaults) -> Entry:
+def _jsonl_line(
+    index: int, number: int, raw: str, defaults: Defaults, unknown: set[str] | None
+) -> Entry:
     try:
         obj = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -154,6 +164,8 @@ def _jsonl_line(index: int, number: int, raw: str, defaults: Defaults) -> Entry:
         )
     if not isinstance(obj, dict):
         return LineError(index, number, f"line {number}: expected a JSON object with a prompt")
+    if unknown is not None:
+        unknown.update(key for key in obj if key not in JSONL_KEYS)
     line_id = obj.get("id", number)
     if isinstance(line_id, bool) or not isinstance(line_id, (str, int)):
         return LineError(index, number, f"line {number}: id must be a string or a whole number")
@@ -194,7 +206,10 @@ def _line(
         stops = (stops,) if isinstance(stops, str) else stops
         if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
             raise UsageError(f"stop must be a string or a list of strings, got {stops!r}")
-        StopFilter(stops)  # refuses empty stop strings
+        try:
+            StopFilter(stops)  # refuses empty stop strings
+        except UsageError as e:
+            raise UsageError(str(e).replace("--stop", "stop")) from None
     except UsageError as e:
         return LineError(index, line_id, f"line {number}: {e}")
     return Line(index, number, line_id, prompt, max_new, params, seed, tuple(stops))
@@ -528,25 +543,39 @@ class InOrder:
 def read_finished_ids(path: Path) -> set[str]:
     """Ids (as `id_key`s) that have a result in a previous run's output.
 
-    Error records and a line cut short by a crash are dropped from the file (rewritten under a
-    temporary name, then renamed), so their prompts run again and the file stays valid JSONL.
+    Error records and a last line cut short by a crash are dropped from the file (rewritten
+    under a temporary name, then renamed), so their prompts run again and the file stays valid
+    JSONL. Any other line means the file is not a `gptcli batch` output: it is refused, not
+    rewritten.
     """
     try:
-        lines = path.read_bytes().split(b"\n")
+        data = path.read_bytes()
     except FileNotFoundError:
         return set()
     except OSError as e:
         raise UsageError(f"--resume: cannot read {path} ({e.strerror})") from None
+    lines = data.split(b"\n")
     kept: list[bytes] = []
     finished: set[str] = set()
-    for raw in lines:
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
         try:
             record = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
+            record = None
         if isinstance(record, dict) and "id" in record and "text" in record:
             kept.append(raw)
             finished.add(id_key(record["id"]))
+        elif isinstance(record, dict) and set(record) == {"id", "error"}:
+            continue  # a failed prompt: it runs again
+        elif record is None and number == len(lines):
+            continue  # the last line, cut short by a crash (a whole line ends with a newline)
+        else:
+            raise UsageError(
+                f"--resume: line {number} of {path} is not a gptcli batch result; is -o the "
+                "right file? It is left as it is"
+            )
     if len(kept) != len([raw for raw in lines if raw.strip()]):
         temporary = path.with_name(path.name + ".resume-tmp")
         temporary.write_bytes(b"".join(raw + b"\n" for raw in kept))

@@ -727,6 +727,8 @@ def _batch(
     if file is None and not stdin_is_piped():
         raise UsageError("no prompts: give a FILE, or pipe them in (one per line, or JSONL)")
     source = file or "-"
+    if output is not None and source != "-" and Path(source).resolve() == output.resolve():
+        raise UsageError(f"-o {output} is the input file; write the results to another file")
     text_in = read_text_input(source, option="")
     model_dir = resolve_model_dir(model)
 
@@ -754,7 +756,14 @@ def _batch(
     )
     StopFilter(stops)  # refuses an empty stop
     defaults = Defaults(max_new_tokens, params, None if seed == -1 else seed, stops)
-    entries = parse_input(text_in, input_format, defaults)
+    unknown: set[str] = set()
+    entries = parse_input(text_in, input_format, defaults, unknown)
+    if unknown:
+        render.warning(
+            f"ignoring JSONL field{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(sorted(unknown))} (the options a line may set: "
+            "max_new_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed, stop)"
+        )
     if not entries:
         name = "stdin" if source == "-" else source
         raise UsageError(f"{name}: no prompts (every line is blank)")

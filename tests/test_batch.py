@@ -347,6 +347,45 @@ def test_resume_skips_finished_ids_and_repairs_a_cut_line(tiny, tmp_path):
     assert b"skipped" in result.stderr
 
 
+def test_resume_refuses_a_file_that_is_not_batch_output(tiny, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("alpha\nbeta\n", encoding="utf-8")
+    other = tmp_path / "notes.txt"
+    other.write_text("precious line 1\nprecious line 2\n", encoding="utf-8")
+    result = batch_run(tiny, str(source), "-o", str(other), "--resume", "-n", "2")
+    assert result.returncode == 2
+    assert f"--resume: line 1 of {other} is not a gptcli batch result" in result.stderr.decode()
+    assert other.read_text(encoding="utf-8") == "precious line 1\nprecious line 2\n"
+    # A cut line is only forgiven at the end; error records are dropped so they run again.
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": 1, "error": "x"}\n{"id": 2, "text": "t"}\n{"id": 3, "te', "utf-8")
+    assert read_finished_ids(out) == {"2"}
+    assert out.read_text(encoding="utf-8") == '{"id": 2, "text": "t"}\n'
+
+
+def test_output_onto_the_input_is_refused(tiny, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("alpha\n", encoding="utf-8")
+    result = batch_run(tiny, str(source), "-o", str(source), "-n", "2")
+    assert result.returncode == 2
+    assert b"is the input file" in result.stderr
+    assert source.read_text(encoding="utf-8") == "alpha\n"
+
+
+def test_unknown_jsonl_fields_are_carried_with_a_warning(tiny):
+    lines = '{"prompt": "a", "max_tokens": 2, "answer": "x"}\n{"prompt": "b", "stop": ""}\n'
+    result = batch_run(tiny, "-n", "3", "--temp", "0", input=lines.encode())
+    assert result.returncode == 1
+    stderr = result.stderr.decode()
+    assert "warning: ignoring JSONL fields answer, max_tokens (the options" in stderr
+    out = records(result.stdout)
+    assert out[0]["new_tokens"] == 3
+    assert out[1] == {
+        "id": 2,
+        "error": "line 2: stop must not be empty; give the text that should end generation",
+    }
+
+
 def test_interrupted_run_leaves_whole_json_lines(tiny, tmp_path):
     out = tmp_path / "out.jsonl"
     n_prompts = 3000  # far more than can finish before the interrupt
