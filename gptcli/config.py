@@ -76,47 +76,47 @@ class ModelConfig:
             raise ConfigError(f"{source}: activation {activation!r} is not supported for {family}")
         try:
             if family == "gpt2":
-                d_model = int(hf["n_embd"])
+                d_model = _whole(hf, "n_embd", source)
                 return cls(
                     family="gpt2",
-                    vocab_size=int(hf["vocab_size"]),
-                    n_layer=int(hf["n_layer"]),
-                    n_head=int(hf["n_head"]),
-                    n_kv_head=int(hf["n_head"]),
+                    vocab_size=_whole(hf, "vocab_size", source),
+                    n_layer=_whole(hf, "n_layer", source),
+                    n_head=_whole(hf, "n_head", source),
+                    n_kv_head=_whole(hf, "n_head", source),
                     d_model=d_model,
-                    d_ff=int(hf.get("n_inner") or 4 * d_model),
-                    max_positions=int(hf["n_positions"]),
+                    d_ff=_whole(hf, "n_inner", source, 4 * d_model),
+                    max_positions=_whole(hf, "n_positions", source),
                     norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
                     tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-                    bos_token_id=_optional_int(hf.get("bos_token_id")),
-                    eos_token_ids=_id_tuple(hf.get("eos_token_id")),
+                    bos_token_id=_optional_id(hf.get("bos_token_id"), "bos_token_id", source),
+                    eos_token_ids=_id_tuple(hf.get("eos_token_id"), "eos_token_id", source),
                 )
-            n_head = int(hf["num_attention_heads"])
+            n_head = _whole(hf, "num_attention_heads", source)
             if n_head <= 0:
                 raise ConfigError(f"{source}: num_attention_heads must be positive, got {n_head}")
             rope_scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
             rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
             if rope_type not in ("default", None):
                 raise ConfigError(f"{source}: RoPE scaling {rope_type!r} is not supported")
-            if hf.get("head_dim") not in (None, int(hf["hidden_size"]) // n_head):
+            if hf.get("head_dim") not in (None, _whole(hf, "hidden_size", source) // n_head):
                 raise ConfigError(
                     f"{source}: a head_dim other than hidden_size/heads is not supported"
                 )
             theta = hf.get("rope_theta", rope_scaling.get("rope_theta", 10000.0))
             return cls(
                 family="llama",
-                vocab_size=int(hf["vocab_size"]),
-                n_layer=int(hf["num_hidden_layers"]),
+                vocab_size=_whole(hf, "vocab_size", source),
+                n_layer=_whole(hf, "num_hidden_layers", source),
                 n_head=n_head,
-                n_kv_head=int(hf.get("num_key_value_heads") or n_head),
-                d_model=int(hf["hidden_size"]),
-                d_ff=int(hf["intermediate_size"]),
-                max_positions=int(hf["max_position_embeddings"]),
+                n_kv_head=_whole(hf, "num_key_value_heads", source, n_head),
+                d_model=_whole(hf, "hidden_size", source),
+                d_ff=_whole(hf, "intermediate_size", source),
+                max_positions=_whole(hf, "max_position_embeddings", source),
                 norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                 rope_theta=float(theta),
                 tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                bos_token_id=_optional_int(hf.get("bos_token_id")),
-                eos_token_ids=_id_tuple(hf.get("eos_token_id")),
+                bos_token_id=_optional_id(hf.get("bos_token_id"), "bos_token_id", source),
+                eos_token_ids=_id_tuple(hf.get("eos_token_id"), "eos_token_id", source),
             )
         except KeyError as e:
             raise ConfigError(f"{source}: required field {e.args[0]!r} is missing") from None
@@ -135,7 +135,9 @@ class ModelConfig:
         config = cls.from_hf(hf, str(path))
         gen_path = Path(model_dir) / "generation_config.json"
         if gen_path.is_file():
-            extra = _id_tuple(read_json(gen_path).get("eos_token_id"))
+            extra = _id_tuple(
+                read_json(gen_path).get("eos_token_id"), "eos_token_id", str(gen_path)
+            )
             merged = config.eos_token_ids + tuple(i for i in extra if i not in config.eos_token_ids)
             config = replace(config, eos_token_ids=merged)
         return config
@@ -160,6 +162,10 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def _family(hf: dict[str, Any], source: str) -> str:
     names = hf.get("architectures") or []
+    if isinstance(names, str):  # one name where HF writes a list of them
+        names = [names]
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ConfigError(f"{source}: architectures must be a list of class names, got {names!r}")
     for name in names:
         if name in ARCHITECTURES:
             return ARCHITECTURES[name]
@@ -171,13 +177,28 @@ def _family(hf: dict[str, Any], source: str) -> str:
     raise ConfigError(f"{source}: unsupported architecture {shown} (supported: {supported})")
 
 
-def _optional_int(value: Any) -> int | None:
-    return None if value is None else int(value)
+def _whole(hf: dict[str, Any], key: str, source: str, default: int | None = None) -> int:
+    """A whole-number field; `default` when it is absent or null (KeyError when none is)."""
+    value = hf.get(key)
+    if value is None:
+        if default is None:
+            raise KeyError(key)
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{source}: {key} must be a whole number, got {value!r}")
+    return value
 
 
-def _id_tuple(value: Any) -> tuple[int, ...]:
+def _optional_id(value: Any, key: str, source: str) -> int | None:
+    return None if value is None else _whole({key: value}, key, source)
+
+
+def _id_tuple(value: Any, key: str, source: str) -> tuple[int, ...]:
+    """A token id or a list of them (HF allows both), as a tuple."""
     if value is None:
         return ()
     if isinstance(value, (list, tuple)):
-        return tuple(int(v) for v in value)
-    return (int(value),)
+        return tuple(_whole({key: v}, key, source) for v in value)
+    return (_whole({key: value}, key, source),)

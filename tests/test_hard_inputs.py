@@ -436,6 +436,40 @@ def test_a_huge_batch_size_is_capped_by_the_prompts(gpt2, invoke):
     assert len(result.stdout.splitlines()) == 2
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("num_attention_heads", 9.5, "num_attention_heads must be a whole number, got 9.5"),
+        ("num_attention_heads", "nine", "num_attention_heads must be a whole number, got 'nine'"),
+        ("vocab_size", True, "vocab_size must be a whole number, got True"),
+        ("eos_token_id", ["x"], "eos_token_id must be a whole number, got 'x'"),
+        ("architectures", [7], "architectures must be a list of class names, got [7]"),
+    ],
+)
+def test_config_values_of_the_wrong_type_name_the_field(field, value, message):
+    from gptcli.config import ConfigError, ModelConfig
+
+    hf = build_hf_model("llama", True, 2, vocab=64).config.to_dict()
+    hf[field] = value
+    with pytest.raises(ConfigError) as error:
+        ModelConfig.from_hf(hf, "x/config.json")
+    assert str(error.value) == f"x/config.json: {message}"
+
+
+def test_config_odd_but_clear_values_are_read(gpt2, tmp_path):
+    from gptcli.config import ConfigError, ModelConfig
+
+    hf = build_hf_model("llama", True, 2, vocab=64).config.to_dict()
+    hf["architectures"] = "LlamaForCausalLM"  # a string, not a list
+    hf["num_attention_heads"] = 4.0
+    config = ModelConfig.from_hf(hf)
+    assert (config.family, config.n_head) == ("llama", 4)
+    folder = copy_checkpoint(gpt2, tmp_path / "gen")
+    (folder / "generation_config.json").write_text('{"eos_token_id": "x"}', encoding="utf-8")
+    with pytest.raises(ConfigError, match="generation_config.json: eos_token_id must be a whole"):
+        ModelConfig.from_dir(folder)
+
+
 # --- interruptions and resources -------------------------------------------------------------
 
 # Runs gptcli with a hook that sends this process SIGINT at a chosen moment: a real signal,
