@@ -11,6 +11,7 @@ import sys
 try:  # Ctrl-C during these (slow) imports ends like Ctrl-C anywhere else: one line, exit 130
     import contextlib
     import json
+    import os
     import secrets
     import signal
     import time
@@ -864,6 +865,9 @@ def _check_tokenizer_fits(model_dir: Path, tokenizer_vocab: int, model_vocab: in
         )
 
 
+PNG_SUFFIXES = (".png", ".svg", ".pdf")  # the image formats --png writes, by the ending
+
+
 @app.command()
 def attention(
     prompt: Annotated[
@@ -919,8 +923,14 @@ def _attention(
     if png is not None:
         if not views.png_available():
             raise GptcliError(views.PNG_HINT)
+        if png.is_dir():
+            raise UsageError(f"--png {png}: is a folder; give a file name ending in .png")
+        if png.suffix.lower() not in PNG_SUFFIXES:
+            raise UsageError(f"--png {png}: give a file name ending in .png (or .svg, .pdf)")
         if not png.parent.is_dir():
             raise UsageError(f"--png {png}: the folder {png.parent} does not exist")
+        if not os.access(png.parent, os.W_OK):
+            raise UsageError(f"--png {png}: the folder {png.parent} is not writable")
 
     import_torch()
     from .config import ModelConfig
@@ -1348,8 +1358,9 @@ def main() -> None:
         if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:
             print(ctx.get_help())  # `gptcli` alone: show the help, as click would
         else:
-            render.error(e.format_message() if hasattr(e, "format_message") else str(e))
-            render.info(f"see: {ctx.command_path if ctx else 'gptcli'} --help")
+            message = e.format_message() if hasattr(e, "format_message") else str(e)
+            message = " ".join(message.split())  # one line, however Typer wrapped it
+            render.error(f"{message} (see {ctx.command_path if ctx else 'gptcli'} --help)")
         code = getattr(e, "exit_code", 2)
     if code == EXIT_INTERRUPTED:  # Typer turns a Ctrl-C while parsing into a bare 130
         say_interrupted()

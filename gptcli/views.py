@@ -246,7 +246,7 @@ def write_png(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # missing glyphs for some token characters
-            fig.savefig(path, dpi=120)
+            fig.savefig(path, dpi=120, format=Path(path).suffix[1:].lower() or "png")
     except OSError as e:
         raise GptcliError(f"--png {path}: cannot write ({e.strerror or e})") from None
     finally:

@@ -180,6 +180,14 @@ def test_attention_png(tiny_models, tmp_path):
     assert path.stat().st_size > 5000
     bad = run(["attention", "-m", folder, "Hi", "--png", str(tmp_path / "nope" / "x.png")])
     assert bad.returncode == 2 and b"--png" in bad.stderr
+    # Refused before anything runs: a folder, and a name matplotlib would not write as named.
+    for target, message in ((tmp_path, b"is a folder"), (tmp_path / "a.txt", b"ending in .png")):
+        bad = run(["attention", "-m", folder, "Hi", "--png", str(target)])
+        assert (bad.returncode, bad.stdout) == (2, b"")
+        assert message in bad.stderr
+    svg = tmp_path / "heads.svg"
+    assert run(["attention", "-m", folder, "Hi", "--png", str(svg)]).returncode == 0
+    assert svg.read_bytes().lstrip().startswith(b"<?xml")
 
 
 def test_attention_png_without_matplotlib_says_what_to_install(tiny_models, tmp_path):
