@@ -45,6 +45,8 @@ SPECIAL_TOKEN_NAMES = (
 )
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+#: The most text a chat template may render (far beyond any context window's worth).
+MAX_RENDERED_CHARS = 10_000_000
 #: Chat commands typed at the prompt.
 COMMANDS = ("/reset", "/exit", "/quit")
 
@@ -187,13 +189,27 @@ class ChatTemplate:
         # Plain copies, None values dropped (templates test for missing keys), as HF does.
         plain = [{k: v for k, v in dict(m).items() if v is not None} for m in messages]
         try:
-            return self._template.render(
+            chunks = self._template.generate(
                 messages=plain,
                 tools=None,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
                 **self.special_tokens,
             )
+            # A hostile template could write without end: stop it at a size no real
+            # conversation prompt reaches (and that memory holds easily).
+            size, parts = 0, []
+            for chunk in chunks:
+                size += len(chunk)
+                if size > MAX_RENDERED_CHARS:
+                    raise ChatTemplateError(
+                        f"{self.origin}: the chat template wrote more than "
+                        f"{MAX_RENDERED_CHARS:,} characters and was stopped"
+                    )
+                parts.append(chunk)
+            return "".join(parts)
+        except ChatTemplateError:
+            raise
         except jinja2.exceptions.SecurityError as e:
             raise ChatTemplateError(
                 f"{self.origin}: the chat template tried something unsafe and was stopped ({e})"

@@ -195,6 +195,19 @@ def test_the_sandbox_stops_python_access(source):
     assert str(info.value).startswith("evil/tokenizer_config.json: the chat template ")
 
 
+def test_a_template_that_writes_without_end_is_stopped():
+    source = (
+        "{% for a in range(99999) %}{% for b in range(99999) %}xxxxxxxx{% endfor %}{% endfor %}"
+    )
+    template = ChatTemplate(source, origin="evil/tokenizer_config.json")
+    with pytest.raises(ChatTemplateError) as info:
+        template.render([{"role": "user", "content": "x"}])
+    assert str(info.value) == (
+        "evil/tokenizer_config.json: the chat template wrote more than 10,000,000 characters "
+        "and was stopped"
+    )
+
+
 def test_template_syntax_error_names_the_line():
     with pytest.raises(ChatTemplateError, match="syntax error on line 2"):
         ChatTemplate("ok\n{% for %}", origin="m/tokenizer_config.json")
