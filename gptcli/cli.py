@@ -526,7 +526,7 @@ def bench(
     debug: Debug = False,
 ) -> None:
     """Time prefill and decode on random prompt tokens (one row per combination of values)."""
-    with handled_errors(debug):
+    with handled_errors(debug, lower="a lower --batch, -p or -n"):
         _bench(**locals())
 
 
