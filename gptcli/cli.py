@@ -1274,6 +1274,8 @@ def _chat(
         if not command:
             continue
         try:
+            if "\0" in text:  # as for prompts: binary data is not a message
+                raise UsageError("message: contains NUL bytes; is it binary data?")
             reply = session.respond(check_utf8(text, "message"))
         except (UsageError, TurnTooLong, ChatTemplateError) as e:
             render.error(str(e))

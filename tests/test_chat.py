@@ -433,12 +433,13 @@ def test_chat_command_on_the_default_model():
 
 def test_chat_command_reports_a_too_long_turn_and_goes_on(chat_models):
     folder = str(chat_models["tiny-llama2"])
-    piped = ("word " * 200 + "\nHi\n").encode()
+    piped = ("word " * 200 + "\na\0b\nHi\n").encode()
     result = run(["chat", "-m", folder, "--temp", "0", "-n", "4"], input=piped)
     assert result.returncode == 1
     assert result.stdout.decode() == session_replies(chat_models["tiny-llama2"], ["Hi"], 4)
     errors = [line for line in result.stderr.decode().splitlines() if "error" in line]
-    assert len(errors) == 1 and "context of 128" in errors[0]
+    assert len(errors) == 2 and "context of 128" in errors[0]
+    assert errors[1] == "error: message: contains NUL bytes; is it binary data?"
 
 
 @pytest.mark.parametrize(
