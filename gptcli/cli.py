@@ -130,14 +130,14 @@ def read_text_input(source: str, option: str = "-f") -> str:
         raise UsageError(f"{where}: is a folder, not a prompt file") from None
     except OSError as e:
         raise UsageError(f"{where}: cannot read ({e.strerror})") from None
+    if b"\x00" in data:  # first: a binary file would otherwise be reported as bad UTF-8
+        raise UsageError(f"{name}: contains NUL bytes; is it a binary file?")
     try:
         text = data.decode("utf-8-sig")  # a leading byte-order mark is not prompt text
     except UnicodeDecodeError as e:
         raise UsageError(
             f"{name}: invalid UTF-8 at byte {e.start}; save the prompt as UTF-8 and retry"
         ) from None
-    if "\x00" in text:
-        raise UsageError(f"{name}: contains NUL bytes; is it a binary file?")
     # Drop the one final line break that echo and editors add: it is not part of the prompt.
     return text.removesuffix("\n").removesuffix("\r")
 

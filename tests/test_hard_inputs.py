@@ -329,7 +329,7 @@ def test_invalid_utf8_in_a_file_names_the_byte(gpt2, tmp_path, invoke):
 @pytest.mark.parametrize("where", ["stdin", "file"])
 def test_nul_bytes_are_refused(gpt2, tmp_path, invoke, where):
     path = tmp_path / "binary.dat"
-    path.write_bytes(b"ELF\x00\x01\x02")
+    path.write_bytes(b"\x7fELF\x02\x01\x01\x00\xfe\xff")  # not UTF-8 either: NUL is named first
     if where == "stdin":
         result = invoke("generate", "-m", str(gpt2), stdin=path.read_bytes())
         name = "stdin"
