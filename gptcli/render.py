@@ -60,7 +60,7 @@ def silence_stdout() -> None:
             os.dup2(devnull, stream.fileno())
 
 
-def _printable(message: str) -> str:
+def printable(message: str) -> str:
     """Show control characters from paths or model files as escapes, never as live codes."""
     return "".join(
         ch if ch.isprintable() or ch in "\n\t" else ch.encode("unicode_escape").decode("ascii")
@@ -69,15 +69,15 @@ def _printable(message: str) -> str:
 
 
 def error(message: str) -> None:
-    console().print(f"[bold red]error:[/] {escape(_printable(message))}")
+    console().print(f"[bold red]error:[/] {escape(printable(message))}")
 
 
 def warning(message: str) -> None:
-    console().print(f"[yellow]warning:[/] {escape(_printable(message))}")
+    console().print(f"[yellow]warning:[/] {escape(printable(message))}")
 
 
 def info(message: str) -> None:
-    console().print(f"[dim]{escape(_printable(message))}[/]")
+    console().print(f"[dim]{escape(printable(message))}[/]")
 
 
 def show_warnings() -> None:
@@ -121,7 +121,7 @@ def status(message: str) -> Iterator[None]:
     """A spinner on stderr while something slow happens; nothing at all when not a TTY."""
     con = console()
     if con.is_terminal and not con.is_dumb_terminal:
-        with con.status(escape(message), spinner="dots"):
+        with con.status(escape(printable(message)), spinner="dots"):
             yield
     else:
         yield
@@ -152,7 +152,7 @@ def newline_if_terminal() -> None:
 
 #: Columns of the human-readable tables: header, and how to show a row record.
 BENCH_COLUMNS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
-    ("model", lambda r: Path(str(r["model"])).name),
+    ("model", lambda r: printable(Path(str(r["model"])).name)),
     ("dtype", lambda r: str(r["dtype"])),
     ("quant", lambda r: str(r["quant"])),
     ("batch", lambda r: str(r["batch"])),
@@ -218,7 +218,11 @@ def bench_csv(records: list[dict[str, Any]], columns: list[str]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(records)
+    # Text fields from paths are shown as typed, never as live control characters.
+    writer.writerows(
+        {k: printable(v) if isinstance(v, str) else v for k, v in record.items()}
+        for record in records
+    )
     return buffer.getvalue()
 
 

@@ -25,6 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import GptcliError
+from .render import printable
 
 Matrix = Sequence[Sequence[float]]
 
@@ -308,7 +309,7 @@ def info_table(info: dict[str, Any]) -> Table:
         ("EOS", ", ".join(_token(t) for t in eos) or "none"),
         ("chat template", "yes" if info["chat_template"] else "no"),
     ]
-    table = Table(title=Text(str(info["model"])), show_header=False)
+    table = Table(title=Text(printable(str(info["model"]))), show_header=False)
     table.add_column("field", style="bold", no_wrap=True)
     table.add_column("value")
     for name, value in rows:

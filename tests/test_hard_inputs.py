@@ -436,6 +436,16 @@ def test_a_huge_batch_size_is_capped_by_the_prompts(gpt2, invoke):
     assert len(result.stdout.splitlines()) == 2
 
 
+def test_control_characters_in_a_model_path_are_shown_escaped(gpt2, tmp_path, invoke):
+    folder = copy_checkpoint(gpt2, tmp_path / "[bold]m\x1b[31mx")
+    shown = "[bold]m\\x1b[31mx"  # as typed, the escape spelt out
+    for args in (("info",), ("bench", "-p", "4", "-n", "2", "-r", "1", "-o", "csv")):
+        result = invoke(*args, "-m", str(folder))
+        assert result.code == 0, result.stderr
+        assert b"\x1b" not in result.stdout
+        assert shown in result.stdout.decode()
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
