@@ -40,7 +40,7 @@ from .errors import GptcliError, UsageError
 from .generate import REPEAT_WINDOW
 from .model import GPT, KVCache
 from .sampling import SamplingParams, make_generator, sample
-from .tokenizer import StopFilter, StreamDecoder, Tokenizer
+from .tokenizer import StopFilter, TextStream, Tokenizer
 
 MAX_SEED = 2**63 - 1
 FORMATS = ("auto", "text", "jsonl")
@@ -302,8 +302,7 @@ class _Row:
         self.generator = make_generator(line.seed, str(device))
         self.recent = list(request.prompt_ids[-REPEAT_WINDOW:])  # for the repetition penalty
         self.new_ids: list[int] = []
-        self.decoder = StreamDecoder(tokenizer)
-        self.stop_filter = StopFilter(line.stops)
+        self.text = TextStream(tokenizer, line.stops)
         self.pieces: list[str] = []
         self.finish_reason: str | None = None
         # Greedy without a penalty needs no generator: one argmax serves all such rows.
@@ -333,8 +332,8 @@ class _Row:
             return self._finish("eos")
         self.new_ids.append(token)
         self.recent = [*self.recent[-(REPEAT_WINDOW - 1) :], token]
-        self.pieces.append(self.stop_filter.push(self.decoder.push(token)))
-        if self.stop_filter.stopped:
+        self.pieces.append(self.text.push(token))
+        if self.text.stopped:
             self.finish_reason = "stop"
             return True
         if len(self.request.prompt_ids) + len(self.new_ids) - 1 >= context:  # no slot to feed it
@@ -345,12 +344,8 @@ class _Row:
 
     def _finish(self, reason: str) -> bool:
         # Release the text held back for a possible multi-byte character or stop string.
-        self.pieces.append(self.stop_filter.push(self.decoder.flush()))
-        if self.stop_filter.stopped:
-            reason = "stop"
-        else:
-            self.pieces.append(self.stop_filter.flush())
-        self.finish_reason = reason
+        self.pieces.append(self.text.finish())
+        self.finish_reason = "stop" if self.text.stopped else reason
         return True
 
     def result(self) -> Result:
@@ -636,13 +631,15 @@ def fitting_batch_size(
     if available is None:
         return batch
     budget = MEMORY_SHARE * available
-
-    def fits(size: int) -> bool:
-        return batch_memory_bytes(config, dtype, size, prompt_tokens, max_new) <= budget
-
-    if fits(batch):
-        return batch
-    return max((size for size in range(1, batch) if fits(size)), default=0)
+    # The estimate grows with the batch size: the largest size within budget, by bisection.
+    low, high = 0, batch
+    while low < high:
+        middle = (low + high + 1) // 2
+        if batch_memory_bytes(config, dtype, middle, prompt_tokens, max_new) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def check_memory(
@@ -659,19 +656,14 @@ def check_memory(
     if fits == batch:
         return
     assert available is not None
-
-    def need(size: int) -> int:
-        return batch_memory_bytes(config, dtype, size, prompt_tokens, max_new)
-
+    size = batch if fits else 1
+    need = _gb(batch_memory_bytes(config, dtype, size, prompt_tokens, max_new))
     shape = f"prompts of up to {prompt_tokens} tokens with up to {max_new} new tokens"
-    if fits == 0:
-        raise GptcliError(
-            f"one prompt ({shape}) needs about {_gb(need(1))} for its key/value cache and "
-            f"activations, but {_gb(available)} is available; lower -n or shorten the prompts"
-        )
+    what = f"a batch of {batch}" if fits else "one prompt"
+    advice = f"try --batch-size {fits}" if fits else "lower -n or shorten the prompts"
     raise GptcliError(
-        f"a batch of {batch} ({shape}) needs about {_gb(need(batch))} for its key/value cache "
-        f"and activations, but {_gb(available)} is available; try --batch-size {fits}"
+        f"{what} ({shape}) needs about {need} for its key/value cache and activations, but "
+        f"{_gb(available)} is available; {advice}"
     )
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import GptcliError, UsageError
-from .tokenizer import StopFilter, StreamDecoder, Tokenizer
+from .tokenizer import StopFilter, TextStream, Tokenizer
 
 if TYPE_CHECKING:  # torch is imported only when a conversation runs
     import torch
@@ -401,23 +401,20 @@ class ChatSession:
 
     def _stream(self, ids: list[int], stats: TurnStats) -> Iterator[str]:
         shown: list[str] = []
-        decoder = StreamDecoder(self.tokenizer)
-        stop_filter = StopFilter(self.stops)
+        text = TextStream(self.tokenizer, self.stops)
         try:
             for token in self._tokens(ids, stats):
-                piece = stop_filter.push(decoder.push(token))
+                piece = text.push(token)
                 if piece:
                     shown.append(piece)
                     yield piece
-                if stop_filter.stopped:
+                if text.stopped:
                     stats.finish_reason = "stop"
                     break
             else:
-                piece = stop_filter.push(decoder.flush())
-                if stop_filter.stopped:
+                piece = text.finish()
+                if text.stopped:
                     stats.finish_reason = "stop"
-                else:
-                    piece += stop_filter.flush()
                 if piece:
                     shown.append(piece)
                     yield piece

@@ -326,12 +326,13 @@ def _generate(
     from .generate import Generation
     from .loader import check_model_dir, load_model, pick_device, pick_dtype
     from .sampling import SamplingParams, make_generator
-    from .tokenizer import StopFilter, StreamDecoder, Tokenizer
+    from .tokenizer import StopFilter, TextStream, Tokenizer
 
     params = SamplingParams(
         temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty
     )
-    stop_filter = StopFilter([check_utf8(text, "--stop") for text in stop or []])
+    stops = [check_utf8(text, "--stop") for text in stop or []]
+    StopFilter(stops)  # refuses an empty stop before the model loads
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
 
@@ -371,7 +372,7 @@ def _generate(
     generation = Generation(
         gpt, ids, max_new_tokens, params, make_generator(seed, str(torch_device)), eos_ids
     )
-    decoder = StreamDecoder(tokenizer)
+    stream_text = TextStream(tokenizer, stops)
     out = render.TextOut()
     stream = not (json_out or no_stream)
     pieces: list[str] = []
@@ -383,19 +384,17 @@ def _generate(
 
     finish_reason = None
     for token in generation:
-        emit(stop_filter.push(decoder.push(token)))
-        if stop_filter.stopped:
+        emit(stream_text.push(token))
+        if stream_text.stopped:
             finish_reason = "stop"
             break
         if out.closed:
             finish_reason = "closed"
             break
     else:
-        emit(stop_filter.push(decoder.flush()))
-        if stop_filter.stopped:
+        emit(stream_text.finish())
+        if stream_text.stopped:
             finish_reason = "stop"
-        else:
-            emit(stop_filter.flush())
     finish_reason = finish_reason or generation.finish_reason
     text = "".join(pieces)
 

@@ -242,6 +242,30 @@ class StopFilter:
         return 0
 
 
+class TextStream:
+    """Token ids in, the text to show out: complete characters only (`StreamDecoder`), and
+    nothing from a stop string on (`StopFilter`). The one place generate, batch and chat turn
+    ids into text."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str] = ()) -> None:
+        self._decoder = StreamDecoder(tokenizer)
+        self._stop_filter = StopFilter(stops)
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string has arrived: nothing more will be shown."""
+        return self._stop_filter.stopped
+
+    def push(self, token_id: int) -> str:
+        return self._stop_filter.push(self._decoder.push(token_id))
+
+    def finish(self) -> str:
+        """At the end of generation: the text held back (a partial character, or a tail that
+        could have begun a stop string), unless it completes a stop string."""
+        text = self._stop_filter.push(self._decoder.flush())
+        return text + self._stop_filter.flush()
+
+
 def _byte_level_bpe(
     vocab_path: Path, merges_path: Path, config: dict[str, Any]
 ) -> tokenizers.Tokenizer:

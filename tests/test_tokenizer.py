@@ -14,7 +14,7 @@ from tokenizers import AddedToken, decoders, models, normalizers, processors
 from tokenizers import Tokenizer as RawTokenizer
 
 from gptcli.errors import GptcliError, UsageError
-from gptcli.tokenizer import StopFilter, StreamDecoder, Tokenizer, TokenizerError
+from gptcli.tokenizer import StopFilter, StreamDecoder, TextStream, Tokenizer, TokenizerError
 
 GPT2_DIR = Path(__file__).parent / "fixtures" / "gpt2-bpe"
 ENDOFTEXT_ID = 50256
@@ -403,3 +403,15 @@ def test_stop_filter_matches_reference_for_any_chunking(text, stops, cuts):
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
     pieces = [text[a:b] for a, b in pairwise(bounds)]
     assert run_stop_filter(stops, pieces) == reference_stop(stops, text)
+
+
+def test_text_stream_shows_complete_text_up_to_a_stop():
+    tokenizer = GPT2
+    ids = tokenizer.encode("Caf\u00e9 \U0001f600 au lait. STOP here, and more")
+    stream = TextStream(tokenizer, ["STOP"])
+    shown = "".join(stream.push(i) for i in ids)
+    assert stream.stopped and shown == "Caf\u00e9 \U0001f600 au lait. "
+    assert stream.finish() == ""
+    stream = TextStream(tokenizer, ["never"])
+    shown = "".join(stream.push(i) for i in ids) + stream.finish()
+    assert not stream.stopped and shown == tokenizer.decode(ids)
